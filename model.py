@@ -1,0 +1,456 @@
+"""
+The unified model: one Phi-style decoder over a joint vocabulary of text tokens, special tokens,
+personal-concept tokens and discrete image codes, plus its three samplers and its scorer.
+
+- Block = Phi-1.5's (parallel attention + MLP, partial rotary embeddings, LayerNorm, biases, GELU);
+  parameter names match transformers' PhiForCausalLM, so `from_pretrained(dir)` loads such a folder.
+- Omni-attention as in Show-o: causal over text, bidirectional inside each image block;
+  `Config.image_causal=True` makes image blocks causal (autoregressive image generation).
+- Samplers return the log-probs of what they sampled; the scorers recompute them with the very same
+  logit processing (`code_logprobs`, `subset_logprobs`), which is what makes the PPO ratio exactly 1 at
+  the first inner update of the trainer.
+
+Image code k has id `image_offset + k`. Prompts are python lists of ids; samplers left-pad them.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_inner: int = 512
+    rotary_frac: float = 0.5   # Phi's partial_rotary_factor: rotary on this share of each head
+    rope_theta: float = 10000.0
+    ln_eps: float = 1e-5
+    gelu: str = "tanh"         # "tanh" = Phi's gelu_new, "none" = exact erf GELU
+    # joint vocabulary layout
+    image_offset: int = 0
+    codebook_size: int = 0
+    mask_id: int = -1
+    pad_id: int = 0
+    image_causal: bool = False
+
+
+# ----------------------------------------------------------------------------- the network
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.nh = cfg.n_embd, cfg.n_head
+        self.hd = d // cfg.n_head
+        self.rot = int(self.hd * cfg.rotary_frac)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.nh, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        r = self.rot  # rotary only on the first `rot` dims of each head, as in Phi
+        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
+        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
+        if cache is not None:  # static cache: write this chunk at [start, start+T), attend to [0, start+T)
+            cache[0][:, :, start:start + T] = k
+            cache[1][:, :, start:start + T] = v
+            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.n_embd, cfg.n_inner), nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.approx = cfg.gelu
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approx))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        h = self.input_layernorm(x)  # Phi: attention and MLP read the same normed input, in parallel
+        return x + self.self_attn(h, cos, sin, mask, cache, start) + self.mlp(h)
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        rot = int(cfg.n_embd // cfg.n_head * cfg.rotary_frac)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, rot, 2).float() / rot)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def is_image(self, idx):
+        c = self.cfg
+        return ((idx >= c.image_offset) & (idx < c.image_offset + c.codebook_size)) | (idx == c.mask_id)
+
+    def omni_mask(self, idx, valid):
+        """[B,1,T,T] bool: causal, plus bidirectional inside each contiguous image block, minus padding."""
+        T = idx.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None]
+        if not self.cfg.image_causal:
+            img = self.is_image(idx)
+            start = img & ~F.pad(img, (1, 0))[:, :-1]
+            blk = torch.where(img, start.cumsum(1), -1)
+            mask = mask | ((blk[:, :, None] == blk[:, None, :]) & img[:, :, None])
+        mask = mask & valid[:, None, :]
+        # a padded query may see no key at all; letting it see itself keeps SDPA free of NaN rows
+        mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)
+        return mask[:, None]
+
+    def rope(self, pos, dtype):
+        f = pos[..., None].float() * self.inv_freq
+        emb = torch.cat((f, f), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden(self, idx, valid=None, pos=None, cache=None, start=0):
+        """Final-layernormed hidden states [B,T,D]. With `cache`, the chunk is written at `start` and
+        attends to everything cached before it (prefill with start=0 uses the omni mask; later chunks
+        are single decode steps and see every valid earlier key)."""
+        if valid is None:
+            valid = torch.ones_like(idx, dtype=torch.bool)
+        if pos is None:  # left padding: positions count real tokens only, same in sampler and scorer
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        if cache is None or start == 0:
+            mask = self.omni_mask(idx, valid[:, -idx.shape[1]:])
+        else:
+            mask = valid[:, None, None, :start + idx.shape[1]].clone()
+            mask[..., start:] = True
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope(pos, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+        return self.final_layernorm(x)
+
+    def forward(self, idx, valid=None):
+        return self.lm_head(self.hidden(idx, valid))
+
+    def new_cache(self, B, T):
+        c, hd = self.cfg, self.cfg.n_embd // self.cfg.n_head
+        p = self.lm_head.weight
+        return [(p.new_zeros(B, c.n_head, T, hd), p.new_zeros(B, c.n_head, T, hd)) for _ in range(c.n_layer)]
+
+
+# ----------------------------------------------------------------------------- loading weights
+
+PHI_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def config_from_phi(d, **layout):
+    """Our Config from a transformers PhiConfig dict (old top-level rope keys or new rope_parameters)."""
+    missing = [k for k in PHI_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"config.json: missing keys {missing}; expected a PhiForCausalLM config")
+    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"] or d.get("qk_layernorm"):
+        raise ValueError("config.json: grouped KV heads and qk_layernorm are not supported (Phi-1.5 uses neither)")
+    rope = d.get("rope_parameters") or {}
+    act = d.get("hidden_act", "gelu_new")
+    return Config(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+                  n_embd=d["hidden_size"], n_inner=d["intermediate_size"],
+                  rotary_frac=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
+                  rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                  ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh", **layout)
+
+
+def read_safetensors_dir(path):
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weight files found")
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(path, f)))
+    return sd
+
+
+def from_pretrained(path, prefix="model.", **layout):
+    """Load a local PhiForCausalLM folder (config.json + safetensors). Never touches the network."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not found; expected a local PhiForCausalLM checkpoint folder")
+    with open(cfg_path) as f:
+        cfg = config_from_phi(json.load(f), **layout)
+    model = UnifiedModel(cfg)
+    sd = read_safetensors_dir(path)
+    ours = {}
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            ours[k[len(prefix):]] = v
+        elif k.startswith("lm_head."):
+            ours[k] = v
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the Phi layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def config_dict(cfg):
+    return asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- log-prob heads
+# One function per modality turns hidden states into the log-probs the policy samples from; the
+# samplers and the scorers both call it, so temperature, CFG and the vocabulary mask always agree.
+
+def subset_logprobs(model, h, ids, temperature=1.0):
+    """log_softmax over the allowed ids only (allowed-vocabulary mask), reading just those head rows."""
+    w, b = model.lm_head.weight[ids], model.lm_head.bias[ids]
+    return F.log_softmax((h @ w.t() + b).float() / (temperature or 1.0), dim=-1)
+
+
+def code_logprobs(model, hc, hu, cfg_w, temperature=1.0):
+    """log-probs over image codes with classifier-free guidance: (1+w)*cond - w*uncond (Show-o's CFG)."""
+    c = model.cfg
+    w, b = model.lm_head.weight[c.image_offset:c.image_offset + c.codebook_size], model.lm_head.bias[c.image_offset:c.image_offset + c.codebook_size]
+    logits = (hc @ w.t() + b).float()
+    if cfg_w:
+        logits = (1 + cfg_w) * logits - cfg_w * (hu @ w.t() + b).float()
+    return F.log_softmax(logits / (temperature or 1.0), dim=-1)
+
+
+def picked_and_entropy(lp, t):
+    """[rows, 2]: log-prob of target t and the entropy of each row's distribution."""
+    return torch.stack((lp.gather(-1, t[:, None])[:, 0], -(lp.exp() * lp).sum(-1)), -1)
+
+
+def _chunked(fn, n, chunk, *xs):
+    """Apply fn to row-chunks of xs; with grad on, each chunk is recomputed in backward (checkpoint),
+    so [rows, vocab] logits are never all alive at once, forward or backward."""
+    if not chunk or n <= chunk:
+        return fn(*xs)
+    outs = []
+    for i in range(0, n, chunk):
+        part = [x[i:i + chunk] if x is not None else None for x in xs]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
+    return torch.cat(outs)
+
+
+def pad_left(seqs, pad_id, device=None):
+    """List of id lists -> (ids [B,T], valid [B,T]) left-padded, so every row ends at the same column."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            valid[i, T - len(s):] = True
+    return ids.to(device), valid.to(device)
+
+
+def token_logprobs(model, idx, valid, targets, ids=None, temperature=1.0, chunk=0):
+    """Scoring forward: log-prob of targets[b,t] under the head at position t (caller shifts for
+    next-token prediction; -1 = ignore). `ids` restricts the softmax to an allowed vocabulary.
+    Returns (lp [B,T] with 0 at ignored places, ent [B,T] entropy at scored places)."""
+    h = model.hidden(idx, valid)
+    sel = targets >= 0
+    ids = torch.arange(model.cfg.vocab_size, device=idx.device) if ids is None else ids
+    lookup = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=idx.device)
+    lookup[ids] = torch.arange(len(ids), device=idx.device)
+    tgt = lookup[targets[sel]]
+    if (tgt < 0).any():
+        raise ValueError("token_logprobs: a target id lies outside the allowed vocabulary")
+
+    def fn(hs, t):
+        return picked_and_entropy(subset_logprobs(model, hs, ids, temperature), t)
+
+    out = _chunked(fn, int(sel.sum()), chunk, h[sel], tgt)
+    lp = torch.zeros(targets.shape, device=idx.device).masked_scatter(sel, out[:, 0])
+    ent = torch.zeros(targets.shape, device=idx.device).masked_scatter(sel, out[:, 1])
+    return lp, ent
+
+
+# ----------------------------------------------------------------------------- text sampling
+
+@torch.no_grad()
+def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None):
+    """Batched KV-cache decoding. prompts: list of id lists. allowed: LongTensor of ids the text may use.
+    Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution
+    (top-k only truncates sampling; keep it 0 for RL so sampler and scorer see the same distribution).
+    Returns tokens [B,N], logprobs [B,N], valid [B,N] (False after a row's stop token)."""
+    dev = model.lm_head.weight.device
+    ids, valid = pad_left(prompts, model.cfg.pad_id, dev)
+    B, T = ids.shape
+    allowed = allowed.to(dev)
+    stop = torch.tensor(stop_ids, device=dev)
+    cache = model.new_cache(B, T + max_new)
+    h = model.hidden(ids, valid, cache=cache)[:, -1]
+    pos = valid.sum(1, keepdim=True)
+    valid = torch.cat((valid, torch.zeros(B, max_new, dtype=torch.bool, device=dev)), 1)
+    toks = torch.full((B, max_new), model.cfg.pad_id, dtype=torch.long, device=dev)
+    lps = torch.zeros(B, max_new, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    for t in range(max_new):
+        lp = subset_logprobs(model, h, allowed, temperature)
+        j = pick(lp, temperature, top_k, generator)
+        tok = torch.where(alive, allowed[j], model.cfg.pad_id)
+        toks[:, t], lps[:, t], valid[:, T + t] = tok, lp.gather(-1, j[:, None])[:, 0] * alive, alive
+        alive = alive & ~torch.isin(tok, stop)
+        if t == max_new - 1 or not alive.any():  # a host sync per token; the decode is short
+            break
+        h = model.hidden(tok[:, None], valid[:, :T + t + 1], pos=pos + t, cache=cache, start=T + t)[:, -1]
+    return toks, lps, valid[:, T:]
+
+
+def pick(lp, temperature, top_k=0, generator=None):
+    """Index sampled from log-probs lp [..., K] (argmax when temperature == 0)."""
+    if not temperature:
+        return lp.argmax(-1)
+    if top_k:
+        kth = lp.topk(min(top_k, lp.shape[-1]), dim=-1).values[..., -1:]
+        lp = lp.masked_fill(lp < kth, -float("inf"))
+    p = lp.exp().reshape(-1, lp.shape[-1])
+    return torch.multinomial(p, 1, generator=generator).view(lp.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- MaskGIT images
+
+def keep_masked(step, steps, n):
+    """Cosine schedule: how many of n image tokens stay masked after 0-indexed `step` of `steps`."""
+    return int(n * math.cos(math.pi / 2 * (step + 1) / steps))
+
+
+def cfg_prompts(cond, uncond, cfg_w):
+    # conditional and unconditional rows go through ONE batched forward
+    return cond + uncond if cfg_w else cond
+
+
+@torch.no_grad()
+def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
+                   state=None, stop=None):
+    """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
+    (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
+    prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
+    state: codes [B,N] (-1 = still masked), logprobs [B,N] (at the commit step), step_of [B,N]
+    (commit step of each token), pred [B,N] (full current prediction: the DGS preview), step."""
+    c, dev = model.cfg, model.lm_head.weight.device
+    B, N = len(cond), n_tokens
+    if state is None:
+        state = dict(codes=torch.full((B, N), -1, dtype=torch.long, device=dev), logprobs=torch.zeros(B, N, device=dev),
+                     step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0)
+    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
+    codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
+    for s in range(state["step"], steps if stop is None else min(stop, steps)):
+        x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
+        h = model.hidden(torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))[:, -N:]
+        lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
+        k = pick(lp, temperature, generator=generator)
+        klp = lp.gather(-1, k[..., None])[..., 0]
+        masked = codes < 0
+        n_commit = int(masked[0].sum()) - keep_masked(s, steps, N)
+        conf = klp.masked_fill(~masked, -float("inf"))
+        commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
+        codes = torch.where(commit, k, codes)
+        lps = torch.where(commit, klp, lps)
+        step_of = torch.where(commit, s, step_of)
+        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, k, codes), step=s + 1)
+    return state
+
+
+def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0):
+    """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
+    committed before s, the rest masked) and read the log-prob of each token committed at s.
+    Returns (lp [B,N], sel [B,N] bool, ent [B,N])."""
+    c, dev = model.cfg, model.lm_head.weight.device
+    B, N = codes.shape
+    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    S = len(steps_sel)
+    s = torch.as_tensor(steps_sel, device=dev).view(S, 1, 1)
+    x = torch.where(step_of[None] < s, codes[None] + c.image_offset, c.mask_id).reshape(S * B, N)
+    r = len(ids) // B  # 2 rows per rollout with CFG: [cond; uncond]
+    rows = torch.cat((ids.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
+                      x.view(1, S * B, N).expand(r, -1, -1).reshape(r * S * B, N)), 1)
+    vrows = torch.cat((valid.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
+                       torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
+    h = model.hidden(rows, vrows)[:, -N:].reshape(r, S, B, N, -1)
+    hit = step_of[None] == s  # [S,B,N]: the token committed at step s is scored at step s
+
+    def fn(hc, hu, t):
+        return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
+
+    out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, codes[None].expand(S, -1, -1)[hit])
+    lp = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 0]).sum(0)
+    ent = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 1]).sum(0)
+    return lp, hit.any(0), ent
+
+
+# ----------------------------------------------------------------------------- autoregressive images
+
+@torch.no_grad()
+def sample_ar_image(model, cond, uncond, n_tokens, cfg_w=0.0, temperature=1.0, generator=None, stop=None, state=None):
+    """Janus-style: image codes left to right with the KV cache (needs Config.image_causal), CFG rows in
+    the same batch. `stop=k` returns after k tokens (the DGS preview = the first k/GRID rows)."""
+    c, dev = model.cfg, model.lm_head.weight.device
+    if not c.image_causal:
+        raise ValueError("autoregressive image sampling needs a model trained with image_causal=True")
+    B = len(cond)
+    if state is None:
+        ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+        T = ids.shape[1]
+        cache = model.new_cache(len(ids), T + n_tokens)
+        h = model.hidden(ids, valid, cache=cache)[:, -1]
+        valid = torch.cat((valid, torch.ones(len(ids), n_tokens, dtype=torch.bool, device=dev)), 1)
+        state = dict(codes=torch.full((B, n_tokens), -1, dtype=torch.long, device=dev),
+                     logprobs=torch.zeros(B, n_tokens, device=dev), cache=cache, h=h, valid=valid, T=T,
+                     pos=valid[:, :T].sum(1, keepdim=True), step=0)
+    codes, lps, h, T = state["codes"].clone(), state["logprobs"].clone(), state["h"], state["T"]
+    end = n_tokens if stop is None else min(stop, n_tokens)
+    for t in range(state["step"], end):
+        lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
+        k = pick(lp, temperature, generator=generator)
+        codes[:, t], lps[:, t] = k, lp.gather(-1, k[:, None])[:, 0]
+        if t < n_tokens - 1:
+            tok = (k + c.image_offset).repeat(len(h) // B)[:, None]
+            h = model.hidden(tok, state["valid"][:, :T + t + 1], pos=state["pos"] + t, cache=state["cache"], start=T + t)[:, -1]
+    state.update(codes=codes, logprobs=lps, h=h, step=end, pred=codes)
+    return state
+
+
+def ar_image_logprobs(model, cond, uncond, codes, cfg_w=0.0, temperature=1.0, chunk=0):
+    """Scorer for AR image rollouts: causal log-probs of the codes with the sampler's CFG."""
+    c, dev = model.cfg, model.lm_head.weight.device
+    B, N = codes.shape
+    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    r = len(ids) // B
+    x = (codes + c.image_offset).repeat(r, 1)
+    h = model.hidden(torch.cat((ids, x), 1), torch.cat((valid, torch.ones_like(x, dtype=torch.bool)), 1))
+    h = h[:, -N - 1:-1]  # the head at t-1 predicts code t
+
+    def fn(hc, hu, t):
+        return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
+
+    out = _chunked(fn, B * N, chunk, h[:B].reshape(B * N, -1), h[B:].reshape(B * N, -1) if r == 2 else None, codes.reshape(-1))
+    return out[:, 0].view(B, N), torch.ones(B, N, dtype=torch.bool, device=dev), out[:, 1].view(B, N)

@@ -1,0 +1,190 @@
+"""Model behaviour: Phi parity, omni-attention, KV-cache decoding, samplers vs scorers."""
+import pytest
+import torch
+
+import model as M
+
+V, OFF, K, MASK = 64, 40, 20, 60  # ids 40..59 are image codes, 60 is <mask>
+
+
+def tiny(image_causal=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = M.Config(vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_inner=64, image_offset=OFF,
+                   codebook_size=K, mask_id=MASK, pad_id=0, image_causal=image_causal)
+    m = M.UnifiedModel(cfg).eval()
+    for p in m.parameters():  # non-trivial biases and norms so parity tests can fail
+        p.data.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def test_phi_parity(tmp_path):
+    from transformers import PhiConfig, PhiForCausalLM
+    torch.manual_seed(0)
+    hf_cfg = PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
+    hf = PhiForCausalLM(hf_cfg).eval()
+    for p in hf.parameters():
+        p.data.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    ours = M.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 97, (3, 21))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got = ours(idx)
+    assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_from_pretrained_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_omni_mask_bidirectional_inside_image_only():
+    m = tiny()
+    idx = torch.tensor([[1, 2, OFF, OFF + 3, MASK, 3, OFF + 1]])
+    mask = m.omni_mask(idx, torch.ones_like(idx, dtype=torch.bool))[0, 0]
+    assert mask[2, 4] and mask[4, 2]          # inside the first image block: both ways
+    assert not mask[1, 2]                     # text cannot look ahead into the image
+    assert not mask[4, 6] and mask[6, 4]      # a later block is separate: causal between blocks
+    assert not mask[2, 6]                     # first block cannot see the later block
+    causal = tiny(image_causal=True).omni_mask(idx, torch.ones_like(idx, dtype=torch.bool))[0, 0]
+    assert not causal[2, 4] and causal[4, 2]
+
+
+def test_image_tokens_see_later_image_tokens():
+    m = tiny()
+    a = torch.tensor([[1, 2, OFF, OFF + 3, OFF + 5]])
+    b = a.clone()
+    b[0, 4] = OFF + 9
+    with torch.no_grad():
+        ha, hb = m.hidden(a), m.hidden(b)
+    assert (ha[0, 2] - hb[0, 2]).abs().max() > 1e-6  # bidirectional: an earlier image token changes
+    assert (ha[0, 1] - hb[0, 1]).abs().max() == 0     # text before the image does not
+
+
+def test_left_padding_does_not_change_outputs():
+    m = tiny()
+    seq = [1, 5, 6, OFF + 2, OFF + 4, 7]
+    ids, valid = M.pad_left([seq, [3] * 9], 0)
+    with torch.no_grad():
+        padded = m.hidden(ids, valid)[0, -len(seq):]
+        alone = m.hidden(torch.tensor([seq]))[0]
+    assert torch.allclose(padded, alone, atol=1e-5)
+
+
+def full_recompute_greedy(m, prompt, n, allowed):
+    seq, lps = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            h = m.hidden(torch.tensor([seq]))[:, -1]
+            lp = M.subset_logprobs(m, h, allowed)
+        j = lp.argmax(-1)
+        lps.append(lp[0, j].item())
+        seq.append(allowed[j].item())
+    return seq[len(prompt):], lps
+
+
+def test_kv_cache_greedy_equals_full_recomputation():
+    m = tiny()
+    allowed = torch.arange(1, 30)
+    prompts = [[1, 4, 5, 6, 7], [2, 3], [9, 8, 7, 6, 5, 4, 3]]
+    toks, lps, valid = M.sample_text(m, prompts, 8, allowed, stop_ids=[], temperature=0)
+    for i, p in enumerate(prompts):
+        ref, ref_lp = full_recompute_greedy(m, p, 8, allowed)
+        assert toks[i].tolist() == ref
+        assert torch.allclose(lps[i], torch.tensor(ref_lp), atol=1e-5)
+    assert valid.all()
+
+
+def test_text_sampler_logprobs_match_scorer_and_stop():
+    m = tiny()
+    allowed = torch.arange(1, 30)
+    prompts = [[1, 4, 5], [2, 3, 3, 3]]
+    g = torch.Generator().manual_seed(3)
+    toks, lps, valid = M.sample_text(m, prompts, 12, allowed, stop_ids=[7, 8, 9], temperature=1.3, generator=g)
+    assert torch.all(toks[~valid] == 0)
+    for i in range(2):  # after a stop token nothing more is valid
+        stops = [t for t, tok in enumerate(toks[i].tolist()) if tok in (7, 8, 9)]
+        if stops:
+            assert not valid[i, stops[0] + 1:].any()
+    seqs = [p + toks[i][valid[i]].tolist() for i, p in enumerate(prompts)]
+    ids, v = M.pad_left(seqs, 0)
+    tgt = torch.full_like(ids, -1)
+    for i, p in enumerate(prompts):
+        n = int(valid[i].sum())
+        tgt[i, -n - 1:-1] = ids[i, -n:]
+    with torch.no_grad():
+        lp, _ = M.token_logprobs(m, ids, v, tgt, ids=allowed, temperature=1.3, chunk=5)
+    for i in range(2):
+        n = int(valid[i].sum())
+        assert torch.allclose(lp[i, -n - 1:-1], lps[i][valid[i]], atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_w", [0.0, 2.0])
+def test_maskgit_codes_length_determinism_and_logprobs(cfg_w):
+    m = tiny()
+    cond = [[1, 4, 5, 3], [2, 6, 3]]
+    uncond = [[1, 3], [1, 3]]
+
+    def run(seed):
+        return M.sample_maskgit(m, cond, uncond, 16, steps=5, cfg_w=cfg_w, temperature=1.0,
+                                generator=torch.Generator().manual_seed(seed))
+    a, b = run(0), run(0)
+    assert a["codes"].shape == (2, 16)
+    assert ((a["codes"] >= 0) & (a["codes"] < K)).all()      # only image codes, all committed
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["logprobs"], b["logprobs"])
+    assert set(a["step_of"].unique().tolist()) == set(range(5))
+    lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), cfg_w, 1.0, chunk=7)
+    assert sel.all()
+    assert torch.allclose(lp, a["logprobs"], atol=1e-5)
+    part, sel2, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [1, 3], cfg_w, 1.0)
+    assert torch.equal(sel2, (a["step_of"] == 1) | (a["step_of"] == 3))
+    assert torch.allclose(part[sel2], a["logprobs"][sel2], atol=1e-5)
+
+
+def test_maskgit_preview_and_resume_equal_one_run():
+    m = tiny()
+    cond, uncond = [[1, 4, 5, 3]], [[1, 3]]
+    full = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    part = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, stop=2)
+    assert (part["pred"] >= 0).all() and (part["codes"] < 0).any()  # preview is a full image
+    done = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, state=part)
+    assert torch.equal(done["codes"], full["codes"])
+
+
+@pytest.mark.parametrize("cfg_w", [0.0, 3.0])
+def test_ar_image_logprobs_match_scorer(cfg_w):
+    m = tiny(image_causal=True)
+    cond, uncond = [[1, 4, 5, 3], [2, 3]], [[1, 3], [1, 3]]
+    g = torch.Generator().manual_seed(0)
+    part = M.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, stop=4)
+    assert (part["codes"][:, :4] >= 0).all() and (part["codes"][:, 4:] < 0).all()
+    st = M.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, state=part)
+    assert ((st["codes"] >= 0) & (st["codes"] < K)).all()
+    lp, _, _ = M.ar_image_logprobs(m, cond, uncond, st["codes"], cfg_w, 0.9, chunk=5)
+    assert torch.allclose(lp, st["logprobs"], atol=1e-5)
+
+
+def test_ar_sampling_needs_causal_images():
+    with pytest.raises(ValueError, match="image_causal"):
+        M.sample_ar_image(tiny(), [[1, 3]], [[1, 3]], 4)
+
+
+def test_chunked_scoring_equals_full_with_gradients():
+    m = tiny()
+    idx = torch.randint(1, V, (3, 10))
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    tgt = torch.randint(0, V, (3, 10))
+    tgt[:, :3] = -1
+    grads = []
+    for chunk in (0, 4):
+        m.zero_grad()
+        lp, _ = M.token_logprobs(m, idx, valid, tgt, chunk=chunk)
+        lp.sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+        if chunk == 0:
+            ref = lp.detach()
+    assert torch.allclose(lp, ref, atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
