@@ -11,6 +11,7 @@ personal-concept tokens and discrete image codes, plus its three samplers and it
   the first inner update of the trainer.
 
 Image code k has id `image_offset + k`. Prompts are python lists of ids; samplers left-pad them.
+Scorers take `trunk=` (the DDP-wrapped model) so training forwards go through the wrapper.
 """
 import json
 import math
@@ -156,6 +157,11 @@ class UnifiedModel(nn.Module):
         return self.final_layernorm(x)
 
     def forward(self, idx, valid=None):
+        # the trainer's entry point (through the DDP wrapper, so gradients are averaged): hidden states;
+        # the heads below read only the rows of lm_head they need
+        return self.hidden(idx, valid)
+
+    def logits(self, idx, valid=None):
         return self.lm_head(self.hidden(idx, valid))
 
     def new_cache(self, B, T):
@@ -270,15 +276,15 @@ def pad_left(seqs, pad_id, device=None):
     return ids.to(device), valid.to(device)
 
 
-def token_logprobs(model, idx, valid, targets, ids=None, temperature=1.0, chunk=0):
-    """Scoring forward: log-prob of targets[b,t] under the head at position t (caller shifts for
-    next-token prediction; -1 = ignore). `ids` restricts the softmax to an allowed vocabulary.
-    Returns (lp [B,T] with 0 at ignored places, ent [B,T] entropy at scored places)."""
-    h = model.hidden(idx, valid)
+def token_logprobs(model, h, targets, ids=None, temperature=1.0, chunk=0):
+    """Scoring head: log-prob of targets[b,t] under the head at position t of hidden states h
+    (caller shifts for next-token prediction; -1 = ignore). `ids` restricts the softmax to an
+    allowed vocabulary. Returns (lp [B,T] with 0 at ignored places, ent [B,T] entropy there)."""
+    dev = h.device
     sel = targets >= 0
-    ids = torch.arange(model.cfg.vocab_size, device=idx.device) if ids is None else ids
-    lookup = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=idx.device)
-    lookup[ids] = torch.arange(len(ids), device=idx.device)
+    ids = torch.arange(model.cfg.vocab_size, device=dev) if ids is None else ids.to(dev)
+    lookup = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+    lookup[ids] = torch.arange(len(ids), device=dev)
     tgt = lookup[targets[sel]]
     if (tgt < 0).any():
         raise ValueError("token_logprobs: a target id lies outside the allowed vocabulary")
@@ -287,8 +293,8 @@ def token_logprobs(model, idx, valid, targets, ids=None, temperature=1.0, chunk=
         return picked_and_entropy(subset_logprobs(model, hs, ids, temperature), t)
 
     out = _chunked(fn, int(sel.sum()), chunk, h[sel], tgt)
-    lp = torch.zeros(targets.shape, device=idx.device).masked_scatter(sel, out[:, 0])
-    ent = torch.zeros(targets.shape, device=idx.device).masked_scatter(sel, out[:, 1])
+    lp = torch.zeros(targets.shape, device=dev).masked_scatter(sel, out[:, 0])
+    ent = torch.zeros(targets.shape, device=dev).masked_scatter(sel, out[:, 1])
     return lp, ent
 
 
@@ -380,7 +386,7 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     return state
 
 
-def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0):
+def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None):
     """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
     committed before s, the rest masked) and read the log-prob of each token committed at s.
     Returns (lp [B,N], sel [B,N] bool, ent [B,N])."""
@@ -395,7 +401,7 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
                       x.view(1, S * B, N).expand(r, -1, -1).reshape(r * S * B, N)), 1)
     vrows = torch.cat((valid.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
-    h = model.hidden(rows, vrows)[:, -N:].reshape(r, S, B, N, -1)
+    h = (trunk or model)(rows, vrows)[:, -N:].reshape(r, S, B, N, -1)
     hit = step_of[None] == s  # [S,B,N]: the token committed at step s is scored at step s
 
     def fn(hc, hu, t):
@@ -412,41 +418,42 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
 @torch.no_grad()
 def sample_ar_image(model, cond, uncond, n_tokens, cfg_w=0.0, temperature=1.0, generator=None, stop=None, state=None):
     """Janus-style: image codes left to right with the KV cache (needs Config.image_causal), CFG rows in
-    the same batch. `stop=k` returns after k tokens (the DGS preview = the first k/GRID rows)."""
+    the same batch. `stop=k` returns after k tokens (the DGS preview = the first k/GRID rows); a state
+    passed back is continued by prefilling prompt + its codes, so states of any rows can be merged."""
     c, dev = model.cfg, model.lm_head.weight.device
     if not c.image_causal:
         raise ValueError("autoregressive image sampling needs a model trained with image_causal=True")
     B = len(cond)
     if state is None:
-        ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
-        T = ids.shape[1]
-        cache = model.new_cache(len(ids), T + n_tokens)
-        h = model.hidden(ids, valid, cache=cache)[:, -1]
-        valid = torch.cat((valid, torch.ones(len(ids), n_tokens, dtype=torch.bool, device=dev)), 1)
         state = dict(codes=torch.full((B, n_tokens), -1, dtype=torch.long, device=dev),
-                     logprobs=torch.zeros(B, n_tokens, device=dev), cache=cache, h=h, valid=valid, T=T,
-                     pos=valid[:, :T].sum(1, keepdim=True), step=0)
-    codes, lps, h, T = state["codes"].clone(), state["logprobs"].clone(), state["h"], state["T"]
+                     logprobs=torch.zeros(B, n_tokens, device=dev), step=0)
+    codes, lps, t0 = state["codes"].clone(), state["logprobs"].clone(), state["step"]
     end = n_tokens if stop is None else min(stop, n_tokens)
-    for t in range(state["step"], end):
+    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    r, T = len(ids) // B, ids.shape[1]
+    ids = torch.cat((ids, (codes[:, :t0] + c.image_offset).repeat(r, 1)), 1)
+    valid = torch.cat((valid, torch.ones(len(ids), n_tokens, dtype=torch.bool, device=dev)), 1)
+    pos = valid[:, :T].sum(1, keepdim=True)
+    cache = model.new_cache(len(ids), T + n_tokens)
+    h = model.hidden(ids, valid[:, :ids.shape[1]], cache=cache)[:, -1]
+    for t in range(t0, end):
         lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
         k = pick(lp, temperature, generator=generator)
         codes[:, t], lps[:, t] = k, lp.gather(-1, k[:, None])[:, 0]
-        if t < n_tokens - 1:
-            tok = (k + c.image_offset).repeat(len(h) // B)[:, None]
-            h = model.hidden(tok, state["valid"][:, :T + t + 1], pos=state["pos"] + t, cache=state["cache"], start=T + t)[:, -1]
-    state.update(codes=codes, logprobs=lps, h=h, step=end, pred=codes)
-    return state
+        if t < end - 1:
+            tok = (k + c.image_offset).repeat(r)[:, None]
+            h = model.hidden(tok, valid[:, :T + t + 1], pos=pos + t, cache=cache, start=T + t)[:, -1]
+    return dict(codes=codes, logprobs=lps, step=end, pred=codes)
 
 
-def ar_image_logprobs(model, cond, uncond, codes, cfg_w=0.0, temperature=1.0, chunk=0):
+def ar_image_logprobs(model, cond, uncond, codes, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None):
     """Scorer for AR image rollouts: causal log-probs of the codes with the sampler's CFG."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
     ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
     r = len(ids) // B
     x = (codes + c.image_offset).repeat(r, 1)
-    h = model.hidden(torch.cat((ids, x), 1), torch.cat((valid, torch.ones_like(x, dtype=torch.bool)), 1))
+    h = (trunk or model)(torch.cat((ids, x), 1), torch.cat((valid, torch.ones_like(x, dtype=torch.bool)), 1))
     h = h[:, -N - 1:-1]  # the head at t-1 predicts code t
 
     def fn(hc, hu, t):

@@ -30,7 +30,7 @@ def test_phi_parity(tmp_path):
     idx = torch.randint(0, 97, (3, 21))
     with torch.no_grad():
         ref = hf(idx).logits
-        got = ours(idx)
+        got = ours.logits(idx)
     assert (ref - got).abs().max().item() < 1e-4
 
 
@@ -114,7 +114,7 @@ def test_text_sampler_logprobs_match_scorer_and_stop():
         n = int(valid[i].sum())
         tgt[i, -n - 1:-1] = ids[i, -n:]
     with torch.no_grad():
-        lp, _ = M.token_logprobs(m, ids, v, tgt, ids=allowed, temperature=1.3, chunk=5)
+        lp, _ = M.token_logprobs(m, m(ids, v), tgt, ids=allowed, temperature=1.3, chunk=5)
     for i in range(2):
         n = int(valid[i].sum())
         assert torch.allclose(lp[i, -n - 1:-1], lps[i][valid[i]], atol=1e-5)
@@ -180,7 +180,7 @@ def test_chunked_scoring_equals_full_with_gradients():
     grads = []
     for chunk in (0, 4):
         m.zero_grad()
-        lp, _ = M.token_logprobs(m, idx, valid, tgt, chunk=chunk)
+        lp, _ = M.token_logprobs(m, m(idx, valid), tgt, chunk=chunk)
         lp.sum().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
         if chunk == 0:

@@ -1,0 +1,726 @@
+"""A personalized benchmark in miniature: a procedural, CPU-sized UnifyBench.
+
+Each personal concept is a 2x2 sprite of coloured shapes on an 8x8 grid of
+cells, with a class word, a hat colour, an object it always carries and a
+favourite corner.  This file makes a seeded world of such concepts, renders
+scenes to 64x64 PNGs (the codec plays the VQ image tokenizer's role), writes
+the world in UnifyBench's folder layout, loads it back, builds the five task
+kinds and holds the exact checkers used for evaluation and as RL rewards.
+Everything is deterministic given a seed.
+
+Geometry (rows and columns 0..7; a sprite is placed by its top-left cell):
+  region = quadrant of the sprite's top-left cell (top = rows 0-3, left = cols 0-3)
+  hat    = triangle in the cell directly above the sprite's top-left cell
+  carry  = object in the cell directly right of the sprite's bottom-right cell
+  beside = object in the cell directly left of the sprite's bottom-left cell
+Sprites go at top-left rows {1,2} (top) or {5,6} (bottom) and columns {1,2}
+(left) or {4,5} (right), so each lies in one quadrant and its hat, carried and
+beside objects fit in the grid.  Favourite corners are the extreme positions:
+top left (1,1), top right (1,5), bottom left (6,1), bottom right (6,5).
+"""
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+GRID, CELL = 8, 8
+N_IMG = GRID * GRID
+SHAPES = ["square", "circle", "triangle", "cross"]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+CODEBOOK = 1 + len(SHAPES) * len(COLOURS)
+REGIONS = ["top left", "top right", "bottom left", "bottom right"]
+CLASSES = ["creature", "robot", "plant", "ghost", "bird"]
+KINDS = ["recognition", "vqa", "textqa", "gen", "kgen"]
+FACT_KINDS = ["hat", "carry", "corner"]  # order of Concept.facts and of the kgen requests
+
+ROWS = {"top": (1, 2), "bottom": (5, 6)}
+COLS = {"left": (1, 2), "right": (4, 5)}
+CORNER_POS = {"top left": (1, 1), "top right": (1, 5), "bottom left": (6, 1), "bottom right": (6, 5)}
+SPRITE_OFFSETS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+HAT_OFFSET, CARRY_OFFSET, BESIDE_OFFSET = (-1, 0), (1, 2), (1, -1)
+
+# Every text of the world comes from these templates; the tokenizer's closed
+# vocabulary is collected from them and the loader parses questions with them.
+DESCRIPTION = ("{tok} is a {cls} . its top left is {0} , its top right is {1} , "
+               "its bottom left is {2} , its bottom right is {3} .")
+FACTS = {"hat": "{tok} has a {colour} hat", "carry": "{tok} carries {obj}",
+         "corner": "{tok} likes the {region} corner"}
+TEXTQA = {"hat": "what colour is the hat of {tok} ?", "carry": "what does {tok} carry ?",
+          "corner": "which corner does {tok} like ?"}
+RECOGNITION = "is {tok} in the image ?"
+IMAGE_QA = {"recognition": RECOGNITION, "where": "where is {tok} ?",
+            "beside": "what is beside {tok} ?", "hat": "is {tok} wearing its hat ?"}
+GEN, GEN_REASON = "draw {tok} in the {region}", "{tok} goes in the {region}"
+KGEN = {"hat": "draw {tok} wearing its hat", "carry": "draw {tok} with what it carries",
+        "corner": "draw {tok} in its favourite corner"}
+
+
+# ---------------------------------------------------------------- codec
+
+BACKGROUND_RGB = (40, 40, 40)
+COLOUR_RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
+              "yellow": (230, 220, 40), "purple": (160, 60, 200), "orange": (240, 140, 30)}
+
+
+def _shape_mask(shape):
+    y, x = np.mgrid[0:CELL, 0:CELL] - (CELL - 1) / 2  # offsets from the cell centre
+    inside = (np.abs(y) < 3) & (np.abs(x) < 3)  # a 1-px margin keeps neighbouring cells apart
+    return {"square": inside, "circle": y ** 2 + x ** 2 <= 9,
+            "triangle": inside & (np.abs(x) <= (y + 3.5) / 2),
+            "cross": inside & ((np.abs(x) < 1) | (np.abs(y) < 1))}[shape]
+
+
+def _codebook_pixels():
+    pixels = np.empty((CODEBOOK, CELL, CELL, 3), np.uint8)
+    pixels[:] = BACKGROUND_RGB
+    for shape in SHAPES:
+        for colour in COLOURS:
+            pixels[code_of(colour, shape)][_shape_mask(shape)] = COLOUR_RGB[colour]
+    return pixels
+
+
+def code_of(colour, shape):
+    return 1 + SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+
+
+def code_name(code):
+    """(colour, shape) of a non-background code."""
+    s, c = divmod(int(code) - 1, len(COLOURS))
+    return COLOURS[c], SHAPES[s]
+
+
+def object_text(code):
+    return "a {} {}".format(*code_name(code))
+
+
+CODEBOOK_PIXELS = _codebook_pixels()  # [CODEBOOK, CELL, CELL, 3]
+
+
+def _as_list(codes):
+    codes = torch.as_tensor(codes).reshape(-1).tolist()
+    if len(codes) != N_IMG or not all(0 <= x < CODEBOOK for x in codes):
+        raise ValueError(f"expected {N_IMG} image codes in [0, {CODEBOOK}), got {codes}")
+    return codes
+
+
+def render(codes):
+    """64 codes -> 64x64 RGB image."""
+    cells = CODEBOOK_PIXELS[np.array(_as_list(codes)).reshape(GRID, GRID)]
+    return Image.fromarray(cells.transpose(0, 2, 1, 3, 4).reshape(GRID * CELL, GRID * CELL, 3))
+
+
+def encode_image(image):
+    """Image or path -> LongTensor[64] of the nearest code per cell (inverts render)."""
+    name = getattr(image, "filename", None) or "image"
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            name, image = str(image), opened.convert("RGB")
+    image, side = image.convert("RGB"), GRID * CELL
+    if image.size != (side, side):
+        raise ValueError(f"{name}: image is {image.size[0]}x{image.size[1]}, expected "
+                         f"{side}x{side} ({GRID}x{GRID} cells of {CELL} px)")
+    cells = np.asarray(image, np.float64).reshape(GRID, CELL, GRID, CELL, 3)
+    cells = cells.transpose(0, 2, 1, 3, 4).reshape(N_IMG, -1)
+    book = CODEBOOK_PIXELS.reshape(CODEBOOK, -1).astype(np.float64)
+    # Nearest by L2 rather than exact lookup, so slightly altered images still decode.
+    dist = (cells ** 2).sum(1, keepdims=True) - 2 * cells @ book.T + (book ** 2).sum(1)
+    return torch.from_numpy(dist.argmin(1))
+
+
+# ---------------------------------------------------------------- concepts and world
+
+@dataclass
+class Concept:
+    token: str  # e.g. "<c7>"
+    cls: str
+    sprite: list[int]  # 4 non-background codes, row-major 2x2: the concept's identity
+    hat: str  # colour
+    carry: tuple[str, str]  # (colour, shape)
+    corner: str  # favourite region
+
+    @property
+    def name(self):
+        return self.token.strip("<>")
+
+    @property
+    def description(self):
+        parts = [object_text(code) for code in self.sprite]
+        return DESCRIPTION.format(*parts, tok=self.token, cls=self.cls)
+
+    @property
+    def facts(self):
+        return [FACTS[f].format(tok=self.token, colour=self.hat, obj=fact_answer(self, "carry"),
+                                region=self.corner) for f in FACT_KINDS]
+
+    @property
+    def context(self):
+        return self.description + " " + " . ".join(self.facts) + " ."
+
+
+def fact_answer(concept, fact):
+    """The textqa answer about one fact."""
+    if fact == "carry":
+        return "a {} {}".format(*concept.carry)
+    return concept.hat if fact == "hat" else concept.corner
+
+
+@dataclass
+class World:
+    train: list[Concept]
+    test: list[Concept]  # held out: never seen in training
+    seed: int
+
+    @property
+    def concepts(self):
+        return self.train + self.test
+
+
+def make_world(seed: int, n_train: int = 24, n_test: int = 8) -> World:
+    rng = random.Random(seed)
+    sprites = {}  # an ordered set: sprites are unique across concepts
+    while len(sprites) < n_train + n_test:
+        sprites.setdefault(tuple(rng.randrange(1, CODEBOOK) for _ in SPRITE_OFFSETS))
+    concepts = [Concept(f"<c{i}>", rng.choice(CLASSES), list(sprite), rng.choice(COLOURS),
+                        (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS))
+                for i, sprite in enumerate(sprites)]
+    return World(concepts[:n_train], concepts[n_train:], seed)
+
+
+# ---------------------------------------------------------------- scenes
+
+def region_positions(region):
+    if region not in REGIONS:
+        raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+    vertical, horizontal = region.split()
+    return [(r, c) for r in ROWS[vertical] for c in COLS[horizontal]]
+
+
+def region_of(pos):
+    return ("top" if pos[0] < GRID // 2 else "bottom") + (" left" if pos[1] < GRID // 2 else " right")
+
+
+def _around(i):
+    """Cell i and its 8-neighbours."""
+    r, c = divmod(i, GRID)
+    return {y * GRID + x for y in range(max(r - 1, 0), min(r + 2, GRID))
+            for x in range(max(c - 1, 0), min(c + 2, GRID))}
+
+
+def _cell(grid, pos, offset):
+    r, c = pos[0] + offset[0], pos[1] + offset[1]
+    return grid[r * GRID + c] if 0 <= r < GRID and 0 <= c < GRID else 0
+
+
+def make_scene(concept, rng, with_hat=False, with_carry=False, region=None, distractors=3,
+               beside=None, pos=None):
+    """Codes[64]: the sprite at pos (default: random, inside region if given), optionally
+    its hat, carried object and an object (code) beside it, plus isolated distractors."""
+    r, c = pos or rng.choice(region_positions(region) if region else
+                             [p for name in REGIONS for p in region_positions(name)])
+    grid = [0] * N_IMG
+    placed = list(zip(SPRITE_OFFSETS, concept.sprite))
+    placed += [(HAT_OFFSET, code_of(concept.hat, "triangle"))] if with_hat else []
+    placed += [(CARRY_OFFSET, code_of(*concept.carry))] if with_carry else []
+    placed += [(BESIDE_OFFSET, beside)] if beside else []
+    for (dr, dc), code in placed:
+        grid[(r + dr) * GRID + c + dc] = code
+    # Distractors never touch anything, so none can pass for a hat, a carried or
+    # beside object or a sprite cell.
+    blocked = set().union(*[_around(i) for i in range(N_IMG) if grid[i]])
+    free = [i for i in range(N_IMG) if i not in blocked]
+    rng.shuffle(free)
+    for i in free:
+        if distractors > 0 and i not in blocked:
+            grid[i] = rng.randrange(1, CODEBOOK)
+            blocked |= _around(i)
+            distractors -= 1
+    return torch.tensor(grid)
+
+
+def hard_negative(concept, codes, rng):
+    """The same scene with one sprite cell changed in shape or in colour."""
+    score, (r, c) = find_sprite(concept, codes)
+    if score < 1:
+        raise ValueError(f"hard_negative needs {concept.token}'s sprite drawn exactly")
+    grid = _as_list(codes)
+    dr, dc = rng.choice(SPRITE_OFFSETS)
+    i = (r + dr) * GRID + c + dc
+    colour, shape = code_name(grid[i])
+    if rng.random() < 0.5:
+        shape = rng.choice([s for s in SHAPES if s != shape])
+    else:
+        colour = rng.choice([x for x in COLOURS if x != colour])
+    grid[i] = code_of(colour, shape)
+    return torch.tensor(grid)
+
+
+# ---------------------------------------------------------------- tasks
+
+@dataclass
+class Task:
+    kind: str  # "recognition" | "vqa" | "textqa" | "gen" | "kgen"
+    concept: Concept
+    question: str  # question, or drawing request for gen/kgen
+    answer: str  # reference answer; for gen/kgen the reasoning statement
+    image: torch.Tensor | None = None  # input image codes (recognition, vqa)
+    target: torch.Tensor | None = None  # one valid reference drawing (gen, kgen)
+    meta: dict = field(default_factory=dict)
+
+
+def posed_scene(concept, rng, with_carry=False):
+    """A scene of the concept and the answer to each IMAGE_QA question it supports."""
+    region, hat = rng.choice(REGIONS), rng.random() < 0.5
+    # With a carried object next to it, "what is beside" would be ambiguous.
+    beside = None if with_carry else rng.randrange(1, CODEBOOK)
+    image = make_scene(concept, rng, with_hat=hat, with_carry=with_carry, region=region,
+                       beside=beside)
+    qa = {"recognition": "yes", "where": region, "hat": "yes" if hat else "no"}
+    return image, qa | ({"beside": object_text(beside)} if beside else {})
+
+
+def _ask(concept, q):
+    return IMAGE_QA[q].format(tok=concept.token)
+
+
+def recognition_task(concept, pool, rng):
+    """Half negatives; two thirds of those (all when pool has no other concept) are hard."""
+    image, _ = posed_scene(concept, rng, with_carry=rng.random() < 0.5)
+    negative = None
+    if rng.random() < 0.5:
+        others = [o for o in pool if o.token != concept.token]
+        negative = "other" if others and rng.random() < 1 / 3 else "hard"
+        image = (posed_scene(rng.choice(others), rng)[0] if negative == "other"
+                 else hard_negative(concept, image, rng))
+    return Task("recognition", concept, _ask(concept, "recognition"), "no" if negative else "yes",
+                image=image, meta={"negative": negative})
+
+
+def vqa_task(concept, q, rng):
+    image, qa = posed_scene(concept, rng)
+    return Task("vqa", concept, _ask(concept, q), qa[q], image=image, meta={"q": q})
+
+
+def textqa_task(concept, fact):
+    return Task("textqa", concept, TEXTQA[fact].format(tok=concept.token),
+                fact_answer(concept, fact), meta={"fact": fact})
+
+
+def gen_task(concept, region, rng):
+    return Task("gen", concept, GEN.format(tok=concept.token, region=region),
+                GEN_REASON.format(tok=concept.token, region=region),
+                target=make_scene(concept, rng, region=region, distractors=0),
+                meta={"region": region})
+
+
+def kgen_task(concept, fact, rng):
+    corner = fact == "corner"
+    target = make_scene(concept, rng, with_hat=fact == "hat", with_carry=fact == "carry",
+                        distractors=0, pos=CORNER_POS[concept.corner] if corner else None)
+    return Task("kgen", concept, KGEN[fact].format(tok=concept.token),
+                concept.facts[FACT_KINDS.index(fact)], target=target,
+                meta={"fact": fact} | ({"region": concept.corner} if corner else {}))
+
+
+def make_tasks(world_or_concepts, kinds, n, seed):
+    """n tasks, kind and concept drawn uniformly for each.  A World means its train split."""
+    concepts = (world_or_concepts.train if isinstance(world_or_concepts, World)
+                else list(world_or_concepts))
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not concepts or not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"make_tasks needs concepts and kinds from {KINDS}, got {kinds}")
+    rng = random.Random(seed)
+    build = {"recognition": lambda c: recognition_task(c, concepts, rng),
+             "vqa": lambda c: vqa_task(c, rng.choice(["where", "beside", "hat"]), rng),
+             "textqa": lambda c: textqa_task(c, rng.choice(FACT_KINDS)),
+             "gen": lambda c: gen_task(c, rng.choice(REGIONS), rng),
+             "kgen": lambda c: kgen_task(c, rng.choice(FACT_KINDS), rng)}
+    return [build[rng.choice(kinds)](rng.choice(concepts)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- checkers
+
+def answer_correct(task, text):
+    """1.0 if text equals the reference answer up to case and whitespace, else 0.0."""
+    return float(" ".join(text.lower().split()) == " ".join(task.answer.lower().split()))
+
+
+def find_sprite(concept, codes):
+    """(fraction of the 4 sprite cells matching, (row, col)) at the best placement of the
+    sprite's top-left cell; ties go to the first in row-major order."""
+    grid, best = _as_list(codes), (-1.0, (0, 0))
+    for pos in [(r, c) for r in range(GRID - 1) for c in range(GRID - 1)]:
+        hits = sum(_cell(grid, pos, off) == code for off, code in zip(SPRITE_OFFSETS, concept.sprite))
+        if hits / 4 > best[0]:
+            best = (hits / 4, pos)
+    return best
+
+
+def identity_score(concept, codes):
+    """CLIP-I analogue: the find_sprite score."""
+    return find_sprite(concept, codes)[0]
+
+
+def alignment_score(task, codes):
+    """CLIP-T analogue for gen/kgen.  A request naming a place (gen: its region; kgen
+    corner: the favourite corner's quadrant) scores 1.0 if the sprite is drawn exactly
+    (all 4 cells) in that quadrant, 0.5 if drawn exactly elsewhere, else 0.0.  The kgen
+    hat/carry requests name no place: 1.0 if the sprite is drawn exactly, else 0.0."""
+    if task.kind not in ("gen", "kgen"):
+        raise ValueError(f"alignment_score is for gen/kgen tasks, not {task.kind}")
+    score, pos = find_sprite(task.concept, codes)
+    if score < 1:
+        return 0.0
+    return 1.0 if region_of(pos) == task.meta.get("region", region_of(pos)) else 0.5
+
+
+def knowledge_score(task, codes):
+    """Is a kgen task's extra fact drawn?  0 unless the sprite is found (score >= 0.75).
+    hat: 1 for a right-coloured triangle above the sprite's top-left cell, 0.5 for a
+    triangle of another colour.  carry: 1 for the right object right of its bottom-right
+    cell, 0.5 for right colour or right shape only.  corner: 1 at the exact corner
+    position, 0.5 elsewhere in the corner's quadrant."""
+    if task.kind != "kgen":
+        raise ValueError(f"knowledge_score is for kgen tasks, not {task.kind}")
+    concept, grid, fact = task.concept, _as_list(codes), task.meta["fact"]
+    score, pos = find_sprite(concept, grid)
+    if score < 0.75:
+        return 0.0
+    if fact == "corner":
+        if pos == CORNER_POS[concept.corner]:
+            return 1.0
+        return 0.5 if region_of(pos) == concept.corner else 0.0
+    code = _cell(grid, pos, HAT_OFFSET if fact == "hat" else CARRY_OFFSET)
+    want = (concept.hat, "triangle") if fact == "hat" else tuple(concept.carry)
+    got = code_name(code) if code else (None, None)
+    if got == want:
+        return 1.0
+    partial = got[1] == "triangle" if fact == "hat" else got[0] == want[0] or got[1] == want[1]
+    return 0.5 if partial else 0.0
+
+
+def plausibility(codes):
+    """FID analogue for one image: 1.0 when it looks like the benchmark's images, i.e.
+    n = 4..12 non-background cells and no 8-connected blob over 7 cells (sprite, hat,
+    carried and beside object), falling linearly otherwise:
+        excess = 2*max(0, 4-n) + max(0, n-12) + sum over blobs of max(0, size-7)
+        plausibility = max(0, 1 - excess/8)"""
+    grid = _as_list(codes)
+    n = sum(1 for x in grid if x)
+    excess = 2 * max(0, 4 - n) + max(0, n - 12)
+    seen = set()
+    for start in range(N_IMG):
+        if grid[start] and start not in seen:
+            blob, frontier = {start}, [start]
+            while frontier:
+                grow = {j for j in _around(frontier.pop()) if grid[j]} - blob
+                blob |= grow
+                frontier += grow
+            seen |= blob
+            excess += max(0, len(blob) - 7)
+    return max(0.0, 1.0 - excess / 8)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bor>", "<eor>", "<mask>"]
+
+
+def world_words():
+    """Every word the world's texts use (concept tokens aside), sorted."""
+    templates = [DESCRIPTION, GEN, GEN_REASON, *FACTS.values(), *TEXTQA.values(),
+                 *IMAGE_QA.values(), *KGEN.values(), *REGIONS, "yes no a"]
+    words = {w for t in templates for w in t.split() if "{" not in w}
+    return sorted(words | set(SHAPES) | set(COLOURS) | set(CLASSES))
+
+
+class WordTokenizer:
+    """Closed-vocabulary whitespace tokenizer over the joint text+image vocabulary:
+    ids are specials, world words, concept tokens <c0>.., then the CODEBOOK image codes
+    (id = image_offset + code).  A transformers tokenizer with added concept and image
+    tokens could fill this same interface later."""
+
+    def __init__(self, n_concepts: int, extra_words=()):
+        words = sorted(set(world_words()) | set(extra_words))
+        self.itos = SPECIALS + words + [f"<c{i}>" for i in range(n_concepts)]
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        (self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.bor_id,
+         self.eor_id, self.mask_id) = range(len(SPECIALS))
+        self.n_concepts = n_concepts
+        self.image_offset = self.n_text = len(self.itos)
+        self.codebook_size = CODEBOOK
+        self.vocab_size = self.image_offset + CODEBOOK
+
+    def encode(self, text: str) -> list[int]:
+        for word in text.split():
+            if word in self.stoi:
+                continue
+            if re.fullmatch(r"<c\d+>", word):
+                raise ValueError(f"unknown concept token {word} (this tokenizer knows "
+                                 f"<c0>..<c{self.n_concepts - 1}>)")
+            raise ValueError(f"unknown word {word!r} in: {text}")
+        return [self.stoi[word] for word in text.split()]
+
+    def decode(self, ids) -> str:
+        """Words joined by spaces; specials dropped, image codes shown as <img>."""
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        return " ".join("<img>" if i >= self.image_offset else self.itos[i]
+                        for i in ids if i >= len(SPECIALS))
+
+    def text_ids(self) -> torch.Tensor:
+        """Every id a text answer may use: words, concept tokens and <eor>."""
+        return torch.tensor([self.eor_id, *range(len(SPECIALS), self.image_offset)])
+
+
+# ---------------------------------------------------------------- disk layout (UnifyBench)
+
+N_REFERENCE = 6  # reference images under concept/train/<cname>/
+INFO_KEYS = ("class", "info", "extra_info", "sprite", "hat", "carry", "corner")
+
+
+def _write(path, obj):
+    """Write image codes as a PNG, anything else as JSON, atomically."""
+    if torch.is_tensor(obj):
+        buffer = BytesIO()
+        render(obj).save(buffer, "PNG")
+        content = buffer.getvalue()
+    else:
+        content = (json.dumps(obj, indent=1) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def write_world(world, root):
+    root = Path(root)
+    for concept in world.concepts:
+        # Seeded per concept so that one concept's files don't depend on the others'.
+        rng = random.Random(f"{world.seed}/{concept.token}")
+        others = [o for o in world.concepts if o.token != concept.token]
+        _write_train_dir(root / "concept" / "train" / concept.name, concept, rng)
+        _write_test_dir(root / "concept" / "test" / concept.name, concept, others, rng)
+    # Written last: its presence marks a complete world (see ensure_world).
+    _write(root / "world.json", {"seed": world.seed, "train": [c.name for c in world.train],
+                                      "test": [c.name for c in world.test]})
+
+
+def _write_train_dir(folder, concept, rng):
+    _write(folder / "info.json", {
+        "class": concept.cls, "info": concept.description, "extra_info": concept.facts,
+        "sprite": concept.sprite, "hat": concept.hat, "carry": list(concept.carry),
+        "corner": concept.corner})
+    conversations = {}
+    for i in range(N_REFERENCE):
+        image, qa = posed_scene(concept, rng, with_carry=rng.random() < 0.5)
+        _write(folder / f"{i}.png", image)
+        conversations[f"{i}.png"] = [{"question": _ask(concept, q), "answer": a}
+                                     for q, a in qa.items()]
+    _write(folder / "conversations.json", conversations)
+
+
+def _write_test_dir(folder, concept, others, rng):
+    entries = []
+    for i in range(6):  # 0-2: the concept, every question; 3-4: hard negatives; 5: another
+        image, qa = posed_scene(concept, rng)
+        if i >= 3:
+            qa = {"recognition": "no"}
+            image = (posed_scene(rng.choice(others), rng)[0] if i == 5 and others
+                     else hard_negative(concept, image, rng))
+        _write(folder / f"{i}.png", image)
+        entries += [{"image": f"{i}.png", "question": _ask(concept, q), "answer": a}
+                    for q, a in qa.items()]
+    _write(folder / "vqa.json", entries)
+    _write(folder / "text_only.json", [
+        {"question": TEXTQA[f].format(tok=concept.token), "answer": fact_answer(concept, f)}
+        for f in FACT_KINDS])
+    _write(folder / "t2i_conditions.json", {
+        "personalized_driven_generation": [KGEN[f].format(tok=concept.token) for f in FACT_KINDS],
+        "generation": [GEN.format(tok=concept.token, region=r) for r in REGIONS]})
+
+
+def _read_json(path, keys=(), kind=dict):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}")
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return data
+
+
+def _load_concept(folder):
+    path = folder / "info.json"
+    info = _read_json(path, INFO_KEYS)
+    try:
+        concept = Concept(f"<{folder.name}>", info["class"], [int(x) for x in info["sprite"]],
+                          info["hat"], tuple(info["carry"]), info["corner"])
+        colour, shape = concept.carry
+        valid = (len(concept.sprite) == 4 and all(0 < x < CODEBOOK for x in concept.sprite)
+                 and concept.hat in COLOURS and colour in COLOURS and shape in SHAPES
+                 and concept.corner in REGIONS and isinstance(concept.cls, str))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{path}: invalid 'sprite', 'hat', 'carry', 'corner' or 'class'")
+    # The texts are what prompts show, so they must agree with the ground truth.
+    if info["info"] != concept.description or info["extra_info"] != concept.facts:
+        raise ValueError(f"{path}: 'info'/'extra_info' disagree with sprite/hat/carry/corner")
+    return concept
+
+
+def load_world(root) -> World:
+    root = Path(root)
+    index = _read_json(root / "world.json", ("seed", "train", "test"))
+    load = lambda names: [_load_concept(root / "concept" / "train" / name) for name in names]
+    return World(load(index["train"]), load(index["test"]), index["seed"])
+
+
+def _parse(question, concept, path, kinds):
+    """(kind, meta) of a question or request read from a file, by template matching."""
+    generic = " ".join("{tok}" if w == concept.token else w for w in question.split())
+    templates = ([("vqa" if q != "recognition" else q, {"q": q}, t) for q, t in IMAGE_QA.items()]
+                 + [("textqa", {"fact": f}, t) for f, t in TEXTQA.items()]
+                 + [("kgen", {"fact": f}, t) for f, t in KGEN.items()]
+                 + [("gen", {"region": r}, GEN.replace("{region}", r)) for r in REGIONS])
+    for kind, meta, template in templates:
+        if generic == template and kind in kinds:
+            return kind, meta
+    raise ValueError(f"{path}: {question!r} is no {'/'.join(kinds)} question about {concept.token}")
+
+
+def _qa_tasks(concept, path, rows):
+    """Tasks from (image file or None, {"question", "answer"}) rows of one file."""
+    tasks, images = [], {}
+    for image, entry in rows:
+        if not isinstance(entry, dict) or not {"question", "answer"} <= entry.keys():
+            raise ValueError(f"{path}: entry {entry!r} lacks key 'question' or 'answer'")
+        kinds = ("textqa",) if image is None else ("recognition", "vqa")
+        kind, meta = _parse(entry["question"], concept, path, kinds)
+        if image is not None and image not in images:
+            images[image] = encode_image(path.parent / image)
+        tasks.append(Task(kind, concept, entry["question"], entry["answer"],
+                          image=images.get(image), meta=meta | {"source": path.name}))
+    return tasks
+
+
+def _t2i_tasks(concept, path):
+    conditions = _read_json(path, ("personalized_driven_generation", "generation"))
+    requests = conditions["personalized_driven_generation"]
+    if len(requests) != len(concept.facts):
+        raise ValueError(f"{path}: {len(requests)} personalized requests for "
+                         f"{len(concept.facts)} extra_info facts; they must align")
+    tasks = []
+    for i, request in enumerate(requests + conditions["generation"]):
+        rng = random.Random(f"{concept.token}/{i}")  # a stable reference drawing per request
+        if i < len(requests):
+            kind, meta = _parse(request, concept, path, ("kgen",))
+            if meta["fact"] != FACT_KINDS[i]:
+                raise ValueError(f"{path}: request {request!r} does not match extra_info[{i}]")
+            task = kgen_task(concept, meta["fact"], rng)
+            task.answer = concept.facts[i]  # the aligned extra_info fact
+        else:
+            task = gen_task(concept, _parse(request, concept, path, ("gen",))[1]["region"], rng)
+        task.meta["source"] = path.name
+        tasks.append(task)
+    return tasks
+
+
+def load_tasks(root, split: str) -> list[Task]:
+    """Every task the files hold for the concepts of one split of world.json: image
+    questions from conversations.json and vqa.json, textqa from text_only.json, gen/kgen
+    from t2i_conditions.json.  meta["source"] names the file each task came from."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root, tasks = Path(root), []
+    world = load_world(root)
+    for concept in world.train if split == "train" else world.test:
+        train_dir, test_dir = (root / "concept" / s / concept.name for s in ("train", "test"))
+        path = train_dir / "conversations.json"
+        tasks += _qa_tasks(concept, path, [(str(image), entry) for image, entries in
+                                           _read_json(path).items() for entry in entries])
+        path = test_dir / "vqa.json"
+        vqa = _read_json(path, kind=list)
+        if not all(isinstance(e, dict) and isinstance(e.get("image"), str) for e in vqa):
+            raise ValueError(f"{path}: every entry needs an 'image' file name")
+        tasks += _qa_tasks(concept, path, [(entry["image"], entry) for entry in vqa])
+        path = test_dir / "text_only.json"
+        tasks += _qa_tasks(concept, path, [(None, entry) for entry in _read_json(path, kind=list)])
+        tasks += _t2i_tasks(concept, test_dir / "t2i_conditions.json")
+    return tasks
+
+
+def ensure_world(root, seed, n_train=24, n_test=8) -> World:
+    """Load the world under root, making and writing it first if there is none."""
+    root = Path(root)
+    if not (root / "world.json").exists():
+        write_world(make_world(seed, n_train, n_test), root)
+    world = load_world(root)
+    if world.seed != seed:
+        raise ValueError(f"{root / 'world.json'} holds the world of seed {world.seed}, "
+                         f"not {seed}; use another root")
+    return world
+
+
+# ---------------------------------------------------------------- task -> tokens (the prompt formats)
+# One rollout of the reasoning loop reads: [bos] context (image) question [bor] answer/reasoning [eor],
+# then for drawing [bos] context request [bor] reasoning [eor] [boi] image [eoi].
+
+def understanding_prompt(tok, task):
+    """[bos] context ([boi] image [eoi]) question [bor]: the model continues with its answer and <eor>."""
+    ids = [tok.bos_id] + tok.encode(task.concept.context)
+    if task.image is not None:
+        ids += [tok.boi_id] + [tok.image_offset + int(c) for c in task.image] + [tok.eoi_id]
+    return ids + tok.encode(task.question) + [tok.bor_id]
+
+
+def generation_prompt(tok, concept, request, reasoning_ids):
+    """[bos] context request [bor] reasoning [eor] [boi]: the drawing is conditioned on the reasoning."""
+    return ([tok.bos_id] + tok.encode(concept.context + " " + request) + [tok.bor_id] + list(reasoning_ids)
+            + [tok.eor_id, tok.boi_id])
+
+
+def uncond_prompt(tok):
+    """The unconditional row of classifier-free guidance: no text at all."""
+    return [tok.bos_id, tok.boi_id]
+
+
+DRAW = "draw {tok}"  # mode u's drawing request: the place comes from the answer, not the request
+
+
+def draw_after_answer(task):
+    """Mode u: after answering a question about an image, draw the concept where it stood in that
+    image, conditioned on the answer (a correct "where" answer tells the place)."""
+    _, pos = find_sprite(task.concept, task.image)
+    target = make_scene(task.concept, random.Random(0), distractors=0, pos=pos)
+    return Task("gen", task.concept, DRAW.format(tok=task.concept.token), task.answer, target=target,
+                meta={"region": region_of(pos)})
+
+
+def save_grid(path, images, captions, cols=4, scale=2):
+    """PNG grid of images with their captions underneath (wrapped), for eyeballing samples."""
+    from PIL import ImageDraw
+    w = GRID * CELL * scale
+    wrap = lambda s: [s[i:i + 26] for i in range(0, len(s), 26)][:6]
+    cap_h = 6 * 11 + 4
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (w + 8), max(1, rows) * (w + cap_h)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * (w + 8), (i // cols) * (w + cap_h)
+        sheet.paste(img.resize((w, w), Image.NEAREST), (x, y))
+        pen.multiline_text((x, y + w + 2), "\n".join(wrap(cap)), fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    _write_atomic(Path(path), buf.getvalue())

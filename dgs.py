@@ -1,0 +1,146 @@
+"""
+Group statistics and Dynamic Group Scaling (DGS) for Sync-GRPO (METHOD.md sections 4-5).
+
+- `group_advantages`: one scalar advantage per rollout from the rewards of its group
+  (GRPO, Dr. GRPO or batch-std scaling); all-equal groups give exactly 0.
+- `zero_variance_groups`, `effective_fraction`: which groups carry no learning signal
+  (DAPO's dynamic sampling drops them; DGS tries to make them rare).
+- `DGSState`, `update_tau`, `dgs_group`: the preview-and-reject sampler. Each rollout is
+  stopped early, its preview is scored cheaply, and it is kept only if the score beats tau;
+  tau adapts once per batch toward a target acceptance rate. The loop knows nothing about
+  the model: it calls `start`, `score` and `finish` callbacks.
+
+R is a [P, G] tensor: P prompts, G rollouts of the same prompt per row.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+
+ADVANTAGE_MODES = ("std", "nostd", "batchstd")
+
+
+def _centered(R):
+    # R_i - mean_G R, with the mean taken relative to the group's first reward. Why: the plain
+    # mean of G identical floats is sum/G, which rounding can move off the value itself
+    # (seven float32 0.1s give 7e-9), so an all-equal group would get a tiny nonzero advantage.
+    # Shifted, the differences are exactly 0, their mean is 0, and R_i - mean is exactly 0.
+    ref = R[:, :1]
+    return R - (ref + (R - ref).mean(dim=1, keepdim=True))
+
+
+def group_advantages(R, mode="std", eps=1e-4):
+    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable)."""
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
+    if R.dim() != 2:
+        raise ValueError(f"rewards must be [P, G], got shape {tuple(R.shape)}")
+    centered = _centered(R)
+    if mode == "nostd":
+        # Dr. GRPO: A_i = R_i - mean_G R (no std division, so no per-question difficulty bias)
+        return centered
+    # correction=0 (population std): with G=1, or a batch of one reward, the unbiased std is
+    # 0/0 = NaN; the population std is 0, so the exact-zero numerator stays exactly 0.
+    if mode == "std":
+        # GRPO: A_i = (R_i - mean_G R) / (std_G R + eps)
+        scale = R.std(dim=1, keepdim=True, correction=0)
+    else:
+        # batch std (as TRL's scale_rewards="batch"): A_i = (R_i - mean_G R) / (std_batch R + eps)
+        scale = R.std(correction=0)
+    return centered / (scale + eps)
+
+
+def zero_variance_groups(R):
+    """[P] bool: True where every reward of the group is equal (zero advantage, zero gradient)."""
+    # exact equality with the first reward, not std < tol: matches the exact zeros above
+    return (R == R[:, :1]).all(dim=1)
+
+
+def effective_fraction(R):
+    """Share of groups whose rewards are not all equal, i.e. groups that give any policy gradient.
+
+    GRPO advantages of an all-equal group are 0, so such a group costs a full rollout and
+    teaches nothing; DAPO drops them and DGS raises the reward spread. Log this per batch.
+    """
+    return 1.0 - zero_variance_groups(R).float().mean().item()
+
+
+@dataclass
+class DGSState:
+    tau: float = 0.5          # acceptance threshold on the preview score
+    target: float = 0.25      # target acceptance rate (about 4x oversampling)
+    gain: float = 0.12        # released constant in tau' = tau ** (1 + gain * (target - rho))
+    max_step: float = 0.005   # tau moves at most this much per batch
+    attempts: int = 0         # cumulative previews sampled
+    accepted: int = 0         # cumulative previews that scored above tau (surplus ones included)
+
+    def state_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def update_tau(state, rho):
+    """Move tau toward the target acceptance rate given this batch's rate rho; returns new tau.
+
+    With tau in (0, 1): rho < target -> exponent > 1 -> tau falls -> more previews pass.
+    Call once per optimizer batch, so tau moves by at most max_step per batch.
+    """
+    tau = state.tau
+    # DGS threshold update (released code): tau' = tau ^ (1 + gain * (target - rho))
+    proposed = tau ** (1.0 + state.gain * (state.target - rho))
+    step = min(max(proposed - tau, -state.max_step), state.max_step)
+    # stay strictly inside (0, 1): at 0 or 1 the power law can no longer move tau
+    state.tau = min(max(tau + step, 1e-3), 1.0 - 1e-3)
+    return state.tau
+
+
+def dgs_group(start, score, finish, G, cap, state, batch=None):
+    """Sample previews until G beat tau or `cap` previews were made; finish the G chosen ones.
+
+    start(n) -> list of n partial rollouts (stopped at the preview step);
+    score(partials) -> 1-D scores; finish(partials) -> list of finished rollouts.
+    If fewer than G beat tau, the best-scoring rejected previews fill the group (highest first),
+    so it always ends after at most `cap` previews and always returns exactly G rollouts.
+    Returns (finished, stats); stats = attempts, above (previews above tau, surplus included),
+    accepted (above tau and kept, <= G), filled (G - accepted), rho = above / attempts.
+    tau is not changed here: the caller runs update_tau once per batch with the batch's rho
+    (sum of `above` over sum of `attempts`).
+    """
+    if G < 1:
+        raise ValueError(f"group size G must be >= 1, got {G}")
+    if cap < G:
+        raise ValueError(f"DGS rollout cap ({cap}) must be >= group size G ({G}), "
+                         "or the group could never be filled")
+    per_round = batch or G
+    accepted, rejected = [], []  # rejected holds (score, order, partial)
+    attempts = above = 0
+    while len(accepted) < G and attempts < cap:
+        n = min(per_round, cap - attempts)
+        partials = list(start(n))
+        scores = torch.as_tensor(score(partials), dtype=torch.float64).flatten().tolist()
+        if len(partials) != n or len(scores) != n:
+            raise ValueError(f"start/score returned {len(partials)}/{len(scores)} items, asked for {n}")
+        for p, s in zip(partials, scores):
+            if s > state.tau:
+                above += 1
+                if len(accepted) < G:  # surplus from the last round is dropped, but still counted
+                    accepted.append(p)
+            else:
+                rejected.append((s, attempts, p))
+            attempts += 1
+    n_acc = len(accepted)
+    # fill with the best rejected previews; ties keep sampling order
+    rejected.sort(key=lambda t: (-t[0], t[1]))
+    chosen = accepted + [p for _, _, p in rejected[:G - n_acc]]
+    finished = list(finish(chosen))
+    if len(finished) != G:
+        raise ValueError(f"finish returned {len(finished)} rollouts for {G} partials")
+    state.attempts += attempts
+    state.accepted += above
+    # rho counts every preview above tau, surplus included: that is the acceptance rate 1 - F(tau)
+    # the controller steers (dropping the surplus would bias rho low by the stopping rule)
+    stats = dict(attempts=attempts, above=above, accepted=n_acc, filled=G - n_acc,
+                 rho=above / attempts)
+    return finished, stats

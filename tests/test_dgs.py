@@ -1,0 +1,157 @@
+"""Group advantages (exact values, exact zeros, compiled == eager) and the DGS sampler/controller."""
+import math
+
+import pytest
+import torch
+
+import dgs
+
+MODES = ("std", "nostd", "batchstd")
+
+
+def test_advantages_by_hand():
+    R = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    # row 0: mean 2, deviations -1 0 1, population std sqrt(2/3); row 1 is all equal
+    dev = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    group_std = math.sqrt(2.0 / 3.0)
+    # whole batch: mean 7.5/6 = 1.25, squared deviations sum to 5.375, population std sqrt(5.375/6)
+    batch_std = math.sqrt(5.375 / 6.0)
+    want = {
+        "std": torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / torch.tensor([[group_std + 1e-4], [1e-4]]),
+        "nostd": dev,
+        "batchstd": dev / (batch_std + 1e-4),
+    }
+    for mode in MODES:
+        A = dgs.group_advantages(R, mode)
+        torch.testing.assert_close(A, want[mode], rtol=1e-6, atol=1e-7)
+        assert torch.equal(A[1], torch.zeros(3)), mode
+
+
+def test_all_equal_groups_give_exact_zeros():
+    # seven float32 0.1s: a naive sum/G mean is off by ~7e-9, which would leak a nonzero advantage
+    R = torch.cat([torch.full((1, 7), 0.1), torch.full((1, 7), 0.3), torch.rand(1, 7)])
+    for mode in MODES:
+        A = dgs.group_advantages(R, mode)
+        assert torch.equal(A[:2], torch.zeros(2, 7)), mode
+        assert A[2].abs().sum() > 0
+    for mode in MODES:  # whole batch equal, and single-rollout groups: 0, never NaN
+        for R in (torch.full((3, 4), 0.7), torch.rand(5, 1)):
+            A = dgs.group_advantages(R, mode)
+            assert torch.equal(A, torch.zeros_like(R)), mode
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="nostd"):
+        dgs.group_advantages(torch.rand(2, 3), "bogus")
+
+
+def test_compiled_matches_eager():
+    torch._dynamo.reset()
+    fn = torch.compile(dgs.group_advantages, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    R = torch.rand(6, 8, generator=g)
+    R[2] = 0.1
+    for mode in MODES:
+        eager, comp = dgs.group_advantages(R, mode), fn(R, mode)
+        torch.testing.assert_close(comp, eager, rtol=0, atol=1e-6)
+        assert torch.equal(comp[2], torch.zeros(8)), mode
+
+
+def test_zero_variance_groups_and_effective_fraction():
+    R = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.2, 0.2000001], [0.0, 0.0, 0.0]])
+    assert dgs.zero_variance_groups(R).tolist() == [True, False, False, True]
+    assert dgs.effective_fraction(R) == 0.5
+    assert dgs.zero_variance_groups(torch.rand(3, 1)).all()
+
+
+def test_update_tau_formula_clip_and_bounds():
+    s = dgs.DGSState(tau=0.75)
+    assert dgs.update_tau(s, 0.3) == pytest.approx(0.75 ** (1 + 0.12 * (0.25 - 0.3)), abs=1e-15)
+    s = dgs.DGSState(tau=0.5)
+    assert dgs.update_tau(s, 1.0) == pytest.approx(0.505, abs=1e-15)  # too many pass: up, clipped
+    s = dgs.DGSState(tau=0.5)
+    assert dgs.update_tau(s, 0.0) == pytest.approx(0.495, abs=1e-15)  # too few pass: down, clipped
+    s = dgs.DGSState(tau=0.001)
+    assert dgs.update_tau(s, 0.0) == 1e-3
+    s = dgs.DGSState(tau=0.999)
+    assert dgs.update_tau(s, 1.0) == 1.0 - 1e-3
+
+
+def _uniform_stream(gen):
+    """Callbacks whose partials are their own preview scores, drawn from Uniform(0, 1)."""
+    start = lambda n: torch.rand(n, generator=gen).tolist()
+    score = lambda parts: torch.tensor(parts)
+    finish = lambda parts: [("done", p) for p in parts]
+    return start, score, finish
+
+
+def test_controller_reaches_target_rate():
+    gen = torch.Generator().manual_seed(0)
+    start, score, finish = _uniform_stream(gen)
+    s = dgs.DGSState()
+    G, groups, taus, rates = 8, 8, [s.tau], []
+    for _ in range(300):
+        att = above = 0
+        for _ in range(groups):
+            out, st = dgs_group_checked(start, score, finish, G, 16 * G, s)
+            att, above = att + st["attempts"], above + st["above"]
+        rates.append((above, att))
+        taus.append(dgs.update_tau(s, above / att))
+    steps = [b - a for a, b in zip(taus, taus[1:])]
+    assert max(abs(d) for d in steps) <= s.max_step + 1e-12
+    assert all(abs(d - s.max_step) < 1e-12 for d in steps[:10])  # far from target: clipped, upward
+    tail = rates[-50:]
+    rolling = sum(a for a, _ in tail) / sum(n for _, n in tail)
+    assert abs(rolling - s.target) < 0.05
+    assert abs(s.tau - 0.75) < 0.03  # Uniform scores: acceptance 1 - tau = 0.25 at tau = 0.75
+
+
+def dgs_group_checked(start, score, finish, G, cap, state, batch=None):
+    out, st = dgs.dgs_group(start, score, finish, G, cap, state, batch)
+    assert len(out) == G and st["accepted"] + st["filled"] == G and st["attempts"] <= cap
+    return out, st
+
+
+def test_never_accepting_stream_terminates_at_cap():
+    calls = []
+    start = lambda n: calls.append(n) or [0.0] * n
+    out, st = dgs_group_checked(start, torch.tensor, lambda p: list(p), 4, 10, dgs.DGSState(), batch=3)
+    assert calls == [3, 3, 3, 1]  # the last round is cut so attempts land exactly on cap
+    assert st == dict(attempts=10, above=0, accepted=0, filled=4, rho=0.0)
+
+
+def test_fill_takes_best_rejected_previews():
+    gen = torch.Generator().manual_seed(1)
+    seen = []
+
+    def start(n):
+        seen.extend(0.4 * torch.rand(n, generator=gen))  # always below tau = 0.5
+        return [float(x) for x in seen[-n:]]
+
+    out, st = dgs_group_checked(start, torch.tensor, lambda p: list(p), 5, 20, dgs.DGSState())
+    assert st["attempts"] == 20 and st["filled"] == 5
+    assert out == sorted((float(x) for x in seen), reverse=True)[:5]
+
+
+def test_order_counters_finish_once_and_state_dict():
+    scores = iter([0.9, 0.1, 0.5, 0.7, 0.2, 0.4])  # 0.5 == tau is rejected (strictly above only)
+    start = lambda n: [next(scores) for _ in range(n)]
+    finished = []
+    finish = lambda p: finished.append(list(p)) or [("done", x) for x in p]
+    s = dgs.DGSState()
+    out, st = dgs.dgs_group(start, torch.tensor, finish, 3, 6, s, batch=2)
+    assert finished == [[0.9, 0.7, 0.5]]  # once; accepted in order, then the best rejected
+    assert out == [("done", 0.9), ("done", 0.7), ("done", 0.5)]
+    assert st == dict(attempts=6, above=2, accepted=2, filled=1, rho=2 / 6)
+    # surplus: one round of 4 has 3 above tau; 2 are kept, but rho counts all 3
+    scores = iter([0.6, 0.7, 0.8, 0.1])
+    out, st = dgs.dgs_group(start, torch.tensor, finish, 2, 8, s, batch=4)
+    assert len(finished) == 2 and finished[-1] == [0.6, 0.7]
+    assert st == dict(attempts=4, above=3, accepted=2, filled=0, rho=0.75)
+    assert (s.attempts, s.accepted, s.tau) == (10, 5, 0.5)  # counters add up; tau untouched
+    with pytest.raises(ValueError, match="cap"):
+        dgs.dgs_group(start, torch.tensor, finish, 4, 3, s)
+    dgs.update_tau(s, 0.31)
+    d = s.state_dict()
+    assert type(d) is dict and dgs.DGSState.from_dict(d) == s
+    assert dgs.DGSState.from_dict(d).state_dict() == d

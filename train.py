@@ -1,0 +1,681 @@
+"""
+Train nanosync's unified model: supervised base pretraining, Sync-GRPO, and held-out evaluation.
+
+  python train.py --stage pretrain                      # base model on the embedded world (CPU, minutes)
+  python train.py --stage eval --ckpt out/base          # held-out UnifyBench-style metrics
+  torchrun --nproc_per_node=2 train.py --stage pretrain # DDP: gloo on CPU, NCCL on CUDA
+
+The embedded world (data.py) is generated from --world-seed and written to --data-dir in UnifyBench
+layout the first time; later runs load it from disk. Outputs go to --out-dir/<stage>: metrics.jsonl,
+checkpoints (step_XXXXXX/ folders + a `latest` pointer, each written atomically), PNG sample grids.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import dgs
+import eval as E
+import model as M
+import rewards
+
+
+MIXES = {"both": ["vqa", "kgen", "gen"], "u": ["vqa"], "r": ["kgen", "gen"],
+         "und": ["recognition", "vqa", "textqa"], "gen": ["kgen", "gen"]}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--stage", default="rl", choices=["rl", "pretrain", "eval"],
+      help="rl = Sync-GRPO from --base (pretraining it first on the embedded world if missing)")
+    a("--data-dir", default="out/world", help="UnifyBench-layout folder; the embedded world is written here if empty")
+    a("--world-seed", type=int, default=1234, help="seed of the embedded world (int)")
+    a("--n-train-concepts", type=int, default=160, help="concepts seen in training (int)")
+    a("--n-test-concepts", type=int, default=24, help="held-out concepts, never trained on (int)")
+    a("--out-dir", default="out", help="root folder of run outputs")
+    a("--ckpt", default=None, help="checkpoint folder (step_XXXXXX) or run folder with a `latest` file")
+    a("--seed", type=int, default=0, help="training seed (int)")
+    # model
+    a("--n-layer", type=int, default=4, help="transformer blocks (int)")
+    a("--n-embd", type=int, default=128, help="width (int)")
+    a("--n-head", type=int, default=4, help="attention heads (int)")
+    a("--image-mode", default="maskgit", choices=["maskgit", "ar"], help="image generation: Show-o MaskGIT or Janus-style AR")
+    # pretraining
+    a("--steps", type=int, default=8, help="MaskGIT sampling steps T (int)")
+    a("--cfg", type=float, default=1.0, help="classifier-free guidance weight w: (1+w)*cond - w*uncond")
+    a("--p-uncond", type=float, default=0.1, help="share of generation examples with the prompt dropped (CFG training)")
+    a("--iters", type=int, default=700, help="optimizer steps (int)")
+    a("--batch", type=int, default=32, help="examples per optimizer step per rank (int)")
+    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--warmup", type=int, default=50, help="linear warm-up steps (int)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 = off)")
+    a("--log-every", type=int, default=25, help="steps between metric lines (int)")
+    a("--ckpt-every", type=int, default=250, help="steps between checkpoints (int)")
+    a("--keep", type=int, default=2, help="checkpoints kept on disk (int)")
+    a("--resume", action="store_true", help="continue from <out-dir>/<stage>/latest")
+    # Sync-GRPO
+    a("--base", default=None, help="base checkpoint for RL (default <out-dir>/pretrain, made first if missing)")
+    a("--tasks", default="both", choices=list(MIXES), help="rollout mix: both (modes u and r), u, r, und (text only), gen (image only)")
+    a("--rl-iters", type=int, default=40, help="RL steps, one rollout batch each (int)")
+    a("--rollouts", type=int, default=32, help="rollouts per RL step per rank (int, multiple of --group)")
+    a("--group", type=int, default=8, help="G: rollouts of the same prompt per group (int)")
+    a("--mu", type=int, default=2, help="optimizer updates per rollout batch (int); >1 makes the PPO ratio move")
+    a("--rl-lr", type=float, default=3e-4, help="RL peak learning rate")
+    a("--rl-warmup", type=int, default=5, help="RL warm-up optimizer updates (int)")
+    a("--eps", type=float, default=0.2, help="clip epsilon (lower side, and upper unless --eps-high)")
+    a("--eps-high", type=float, default=0.0, help="clip epsilon upper side (0 = same as --eps; DAPO uses 0.28)")
+    a("--beta", type=float, default=0.01, help="k3 KL weight to the frozen base (0 = no reference forward)")
+    a("--adv", default="std", choices=list(dgs.ADVANTAGE_MODES), help="advantage scaling: std (GRPO), nostd (Dr. GRPO), batchstd")
+    a("--split-adv", action="store_true", help="text tokens get the text-reward advantage, image tokens the image-reward one")
+    a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
+    a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
+    a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
+    a("--rl-cfg", type=float, default=1.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either)")
+    a("--update-steps", type=int, default=0, help="MaskGIT steps scored per update, a random subset (0 = all)")
+    a("--chunk", type=int, default=0, help="rows per log-prob chunk (0 = one chunk; >0 never holds all logits)")
+    a("--no-compile", dest="compile", action="store_false", help="run the loss formulas eagerly (no torch.compile)")
+    a("--dgs", type=int, default=1, choices=[0, 1], help="Dynamic Group Scaling on (1) or off (0)")
+    a("--dgs-preview", type=int, default=2, help="preview after this MaskGIT step (AR: image rows) (int)")
+    a("--dgs-cap", type=int, default=32, help="max previews per group before filling with the best (int)")
+    a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
+    a("--dgs-target", type=float, default=0.25, help="target acceptance rate of previews")
+    a("--drop-zero-var", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are all equal")
+    a("--sample-every", type=int, default=20, help="RL steps between PNG grids of rollouts (int)")
+    for name, w in rewards.DEFAULT_WEIGHTS.items():
+        a(f"--w-{name.replace('_', '-')}", type=float, default=w, help=f"ensemble weight of the {name} reward (0 = off)")
+    # evaluation / sampling
+    a("--eval-batch", type=int, default=64, help="prompts per sampling batch in evaluation (int)")
+    a("--max-text", type=int, default=12, help="max new text tokens per answer (int)")
+    a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    args = p.parse_args(argv)
+    for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
+              "rollouts", "group", "mu"):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    if args.rollouts % args.group:
+        p.error(f"--rollouts ({args.rollouts}) must be a multiple of --group ({args.group}): "
+                "each group is G rollouts of one prompt")
+    if args.dgs and args.dgs_cap < args.group:
+        p.error(f"--dgs-cap ({args.dgs_cap}) must be at least --group ({args.group})")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_dist():
+    """(rank, world_size, device). Single process unless launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return rank, dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path, blob: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
+    """run_dir/step_XXXXXX/{model.safetensors, meta.json, state.pt}: written into a temp folder, renamed,
+    then `latest` is pointed at it; a crash at any moment leaves the previous checkpoint usable."""
+    name = f"step_{step:06d}"
+    tmp, final = os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, step=step, config=M.config_dict(model.cfg)), f, indent=1)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(os.path.join(run_dir, "latest"), name.encode())
+    old = sorted(d for d in os.listdir(run_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    for d in old[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    return final
+
+
+def resolve_ckpt(path):
+    if path and os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not path or not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"checkpoint {path!r}: expected a folder with model.safetensors and meta.json "
+                                "(a step_XXXXXX folder) or a run folder with a `latest` file")
+    return path
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, meta, state or None) from a checkpoint folder or run folder."""
+    path = resolve_ckpt(path)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    model = M.UnifiedModel(M.Config(**meta["config"]))
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    st = os.path.join(path, "state.pt")
+    state = torch.load(st, map_location="cpu", weights_only=False) if os.path.isfile(st) else None
+    return model.to(device), meta, state
+
+
+def rng_state():
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def world_and_tokenizer(args):
+    world = data.ensure_world(args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
+    return world, data.WordTokenizer(len(world.concepts))
+
+
+def new_model(args, tok):
+    cfg = M.Config(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                   n_inner=4 * args.n_embd, image_offset=tok.image_offset, codebook_size=tok.codebook_size,
+                   mask_id=tok.mask_id, pad_id=tok.pad_id, image_causal=args.image_mode == "ar")
+    return M.UnifiedModel(cfg)
+
+
+def make_optimizer(model, args, total):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_mult(step):  # linear warm-up, then cosine decay to 10% of the peak
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        t = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_mult)
+
+
+def clip_and_step(model, opt, sched, args):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+class JsonLog:
+    def __init__(self, path, enabled):
+        self.f = open(path, "a") if enabled else None
+
+    def __call__(self, row):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+
+def save_samples(path, model, tok, tasks, args):
+    """PNG grid: each generation task's prompt, the model's reasoning and its drawing."""
+    texts = E.answer(model, tok, [data.understanding_prompt(tok, t) for t in tasks], args.max_text)[0]
+    prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in zip(tasks, texts)]
+    codes = E.draw(model, tok, prompts, args, temperature=0.0)["codes"]
+    data.save_grid(path, [data.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def pretrain_example(tok, task, rng, args):
+    """(ids, text targets, image targets): targets[t] is what the head at t must predict (-1 = none).
+    Text is next-token; MaskGIT image targets sit at the masked positions themselves (Show-o)."""
+    if task.kind in E.UNDERSTAND:
+        prompt, ans = data.understanding_prompt(tok, task), tok.encode(task.answer) + [tok.eor_id]
+        ids = prompt + ans
+        text = [-1] * (len(prompt) - 1) + ans + [-1]
+        return ids, text, [-1] * len(ids)
+    # a few drawings without stated reasoning, so a generation-only ablation starts from a working base
+    reason = tok.encode(task.answer) if rng.random() > args.p_uncond else []
+    if rng.random() < args.p_uncond:  # prompt dropped: this row teaches the unconditional branch of CFG
+        prompt, text = data.uncond_prompt(tok), [-1, -1]
+    else:
+        prompt = data.generation_prompt(tok, task.concept, task.question, reason)
+        n = len(reason) + 1  # reasoning + <eor>, predicted from the token before each
+        text = [-1] * (len(prompt) - n - 2) + prompt[-n - 1:-1] + [-1, -1]
+    codes = [tok.image_offset + int(c) for c in task.target]
+    N = len(codes)
+    if args.image_mode == "ar":
+        img = [-1] * (len(prompt) - 1) + codes + [-1, -1]
+        x = codes
+    else:  # mask a cosine-scheduled random share of the image, predict the masked codes
+        n_mask = max(1, math.ceil(N * math.cos(math.pi / 2 * rng.random())))
+        masked = set(rng.sample(range(N), n_mask))
+        x = [tok.mask_id if i in masked else c for i, c in enumerate(codes)]
+        img = [-1] * len(prompt) + [c if i in masked else -1 for i, c in enumerate(codes)] + [-1]
+    return prompt + x + [tok.eoi_id], text + [-1] * (N + 1), img
+
+
+def collate(examples, pad_id, device):
+    ids, valid = M.pad_left([e[0] for e in examples], pad_id, device)
+    tgts = [M.pad_left([[t + 1 for t in e[j]] for e in examples], 0, device)[0] - 1 for j in (1, 2)]
+    return ids, valid, tgts[0], tgts[1]
+
+
+def pretrain_loss(model, raw, tok, batch):
+    """Supervised loss: mean NLL of text targets + mean NLL of image targets (per-modality means)."""
+    ids, valid, text_tgt, img_tgt = batch
+    h = model(ids, valid)
+    code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
+    lp_t, _ = M.token_logprobs(raw, h, text_tgt, ids=tok.text_ids())
+    lp_i, _ = M.token_logprobs(raw, h, img_tgt, ids=code_ids)
+    lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
+    return lt + li, lt.item(), li.item()
+
+
+def pretrain(args, rank=0, world_size=1, device="cpu"):
+    world, tok = world_and_tokenizer(args)
+    run_dir = os.path.join(args.out_dir, "pretrain")
+    os.makedirs(run_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    raw = new_model(args, tok).to(device)
+    opt, sched = make_optimizer(raw, args, args.iters)
+    step = 0
+    if args.resume:
+        raw, meta, state = load_checkpoint(run_dir, device)
+        opt, sched = make_optimizer(raw, args, args.iters)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = meta["step"]
+    model = DDP(raw) if world_size > 1 else raw
+    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
+    kinds = ["recognition", "vqa", "textqa", "gen", "kgen"]
+    held_out = data.load_tasks(args.data_dir, "test")
+    bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="pretrain")
+    t0 = time.time()
+    while step < args.iters:
+        # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
+        rng = random.Random(f"{args.seed}/{rank}/{step}")
+        tasks = data.make_tasks(world.train, kinds, args.batch, seed=rng.randrange(2**31))
+        # half the VQA questions become mode-u drawings: draw the concept from the answer just given
+        tasks = [data.draw_after_answer(t) if t.kind == "vqa" and rng.random() < 0.5 else t for t in tasks]
+        raw.train()
+        loss, lt, li = pretrain_loss(model, raw, tok, collate([pretrain_example(tok, t, rng, args) for t in tasks], tok.pad_id, device))
+        loss.backward()
+        gnorm = clip_and_step(raw, opt, sched, args)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.iters:
+            log(dict(step=step, loss=loss.item(), loss_text=lt, loss_image=li, grad_norm=gnorm,
+                     lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 1)))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):
+            save_checkpoint(run_dir, step, raw, dict(stage="pretrain", args=vars(args)),
+                            dict(opt=opt.state_dict(), sched=sched.state_dict()), args.keep)
+    bar.close()
+    if rank == 0:
+        gen = [t for t in held_out if t.kind in ("gen", "kgen")][:16]
+        save_samples(os.path.join(run_dir, "samples.png"), raw, tok, gen, args)
+        res = E.evaluate(raw, tok, held_out, args)
+        print(E.table({"base": res}))
+        atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=1).encode())
+    return raw
+
+
+# ----------------------------------------------------------------------------- Sync-GRPO: rollouts
+
+def rollout_plan(task, mix):
+    """(text prompt or None, what to draw or None) for one prompt of the reasoning loop.
+    mode u: answer a question about an image, then draw the concept from that answer;
+    mode r: state the fact the request needs, then draw; und / gen: one modality only (ablations)."""
+    if mix == "und":
+        return task, None
+    if mix == "gen":
+        return None, task
+    return task, data.draw_after_answer(task) if task.kind == "vqa" else task
+
+
+def sample_partials(model, tok, task, gen_task, n, args, g, stop):
+    """n fresh rollouts of one prompt, images sampled up to MaskGIT step (or AR token) `stop`."""
+    p = dict(text=None, toks=None, lp=None, mask=None, finished=[True] * n)
+    if task is not None:
+        texts, toks, lp, valid = E.answer(model, tok, [data.understanding_prompt(tok, task)] * n, args.max_text, args.temperature, g)
+        p.update(text=texts, toks=toks, lp=lp, mask=valid, finished=(toks == tok.eor_id).any(1).tolist())
+    if gen_task is None:
+        return p
+    reasons = [tok.encode(x) for x in p["text"]] if task is not None else [[]] * n
+    p["gen_prompts"] = [data.generation_prompt(tok, gen_task.concept, gen_task.question, r) for r in reasons]
+    p["img"] = E.draw(model, tok, p["gen_prompts"], rl_sampling(args), args.temperature, g, stop=stop)
+    return p
+
+
+def rl_sampling(args):
+    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg)
+
+
+def rows(p, idx):
+    """The rollouts idx of a partial batch (lists and row tensors sliced alike)."""
+    out = {}
+    for k, v in p.items():
+        if isinstance(v, dict):
+            out[k] = rows(v, idx)
+        elif torch.is_tensor(v) and v.dim() > 0:
+            out[k] = v[idx]
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in idx]
+        else:
+            out[k] = v
+    return out
+
+
+def cat_rows(parts):
+    if not parts:
+        return {}
+    out = {}
+    for k, v in parts[0].items():
+        if isinstance(v, dict):
+            out[k] = cat_rows([q[k] for q in parts])
+        elif torch.is_tensor(v) and v.dim() > 0:
+            out[k] = pad_cat([q[k] for q in parts])
+        elif isinstance(v, list):
+            out[k] = [x for q in parts for x in q[k]]
+        else:
+            out[k] = v
+    return out
+
+
+def pad_cat(ts):
+    """Concatenate rows whose last dim may differ (text lengths), padding with zeros on the right."""
+    L = max(t.shape[-1] for t in ts) if ts[0].dim() > 1 else None
+    return torch.cat([t if L is None else torch.nn.functional.pad(t, (0, L - t.shape[-1])) for t in ts])
+
+
+def sample_group(model, tok, task, mix, args, g, dgs_state):
+    """G rollouts of one prompt; with DGS, previews below tau are dropped and resampled (dgs.py)."""
+    text_task, gen_task = rollout_plan(task, mix)
+    finish_img = lambda p: dict(p, img=E.draw(model, tok, p["gen_prompts"], rl_sampling(args), args.temperature, g, state=p["img"]))
+    if gen_task is None or not args.dgs:
+        p = sample_partials(model, tok, text_task, gen_task, args.group, args, g, None)
+        return p, text_task, gen_task, None
+    preview = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * data.GRID
+    start = lambda n: [rows(q, [i]) for q in [sample_partials(model, tok, text_task, gen_task, n, args, g, preview)] for i in range(n)]
+    score = lambda ps: rewards.preview_score([gen_task] * len(ps), [q["img"]["pred"][0] for q in ps])
+    finish = lambda ps: (lambda p: [rows(p, [i]) for i in range(len(ps))])(finish_img(cat_rows(ps)))
+    done, stats = dgs.dgs_group(start, score, finish, args.group, args.dgs_cap, dgs_state, args.dgs_batch)
+    return cat_rows(done), text_task, gen_task, stats
+
+
+@torch.no_grad()
+def recognizer(model, tok):
+    """Cycle-consistency judge: the policy's own p("yes") for "is <c> in the image ?" on its drawing."""
+    yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+
+    def recognize(concepts, codes):
+        tasks = [data.Task("recognition", c, data.RECOGNITION.format(tok=c.token), "yes", image=x) for c, x in zip(concepts, codes)]
+        ids, valid = M.pad_left([data.understanding_prompt(tok, t) for t in tasks], tok.pad_id, model.lm_head.weight.device)
+        lp = M.subset_logprobs(model, model(ids, valid)[:, -1], torch.tensor([yes, no]))
+        return lp[:, 0].exp().tolist()
+    return recognize
+
+
+def collect(model, tok, world, args, rank, step, dgs_state):
+    """One RL batch: P prompts x G rollouts, their rewards and stored rollout log-probs."""
+    dev = model.lm_head.weight.device
+    g = torch.Generator(dev).manual_seed(hash((args.seed, rank, step)) % 2**63)
+    tasks = data.make_tasks(world.train, MIXES[args.tasks], args.rollouts // args.group, seed=g.initial_seed() % 2**31)
+    model.eval()
+    t0 = time.time()
+    parts, rolls, stats = [], [], []
+    for task in tasks:
+        p, text_task, gen_task, st = sample_group(model, tok, task, args.tasks, args, g, dgs_state)
+        parts.append(p)
+        stats += [st] if st else []
+        for i in range(args.group):
+            rolls.append(rewards.Rollout(text_task or gen_task, gen_task, p["text"][i] if p["text"] else None,
+                                         p["img"]["codes"][i] if "img" in p else None, p["finished"][i]))
+    t1 = time.time()
+    weights = {k: getattr(args, "w_" + k) for k in rewards.DEFAULT_WEIGHTS}
+    r_text, r_img, comps = rewards.ensemble(rolls, weights, {"recognize": recognizer(model, tok)})
+    batch = cat_rows(parts)
+    batch.update(r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
+                 text_prompts=[data.understanding_prompt(tok, t) for t in tasks for _ in range(args.group)] if parts[0]["toks"] is not None else None)
+    timing = dict(t_rollout=t1 - t0, t_reward=time.time() - t1)
+    if stats:
+        att, above = sum(s["attempts"] for s in stats), sum(s["above"] for s in stats)
+        if dist.is_initialized():  # one tau for all ranks: the acceptance rate of the global batch
+            t = torch.tensor([att, above], dtype=torch.float64, device=dev)
+            dist.all_reduce(t)
+            att, above = t.tolist()
+        timing.update(dgs_rho=above / att, dgs_attempts_per_rollout=att / (len(stats) * args.group), dgs_tau=dgs_state.tau)
+        dgs.update_tau(dgs_state, above / att)
+    return batch, rolls, timing
+
+
+# ----------------------------------------------------------------------------- Sync-GRPO: the loss
+
+def ppo_clip(new_lp, old_lp, adv, eps_low, eps_high):
+    """Token-level clipped surrogate (PPO / GRPO): -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi/pi_old."""
+    ratio = torch.exp(new_lp - old_lp)
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv), ratio
+
+
+def k3_kl(new_lp, ref_lp):
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - new) - (ref - new) - 1 (always >= 0)."""
+    d = ref_lp - new_lp
+    return torch.exp(d) - d - 1
+
+
+def segment_mean(x, mask):
+    """Per-modality aggregation: token mean inside each rollout's segment, then mean over rollouts,
+    so a long image segment cannot drown a short text segment."""
+    m = mask.float()
+    per = (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+    has = (m.sum(-1) > 0).float()
+    return (per * has).sum() / has.sum().clamp(min=1)
+
+
+FORMULAS = {"advantages": dgs.group_advantages, "ppo_clip": ppo_clip, "k3_kl": k3_kl, "segment_mean": segment_mean}
+
+
+def compiled(args):
+    """The formulas, fused by torch.compile unless --no-compile."""
+    return {k: torch.compile(f, dynamic=True) if args.compile else f for k, f in FORMULAS.items()}
+
+
+def score_batch(trunk, raw, tok, batch, args, steps_sel):
+    """Current log-probs and entropies of every sampled token: text (causal) and image (MaskGIT at the
+    commit step, or AR), with the sampler's temperature, CFG and vocabulary masks."""
+    out = {}
+    dev = raw.lm_head.weight.device
+    if batch.get("toks") is not None:
+        ids, valid = M.pad_left(batch["text_prompts"], tok.pad_id, dev)
+        toks, mask = batch["toks"].to(dev), batch["mask"].to(dev)
+        T, L = ids.shape[1], toks.shape[1]
+        h = trunk(torch.cat((ids, toks), 1), torch.cat((valid, mask), 1))[:, T - 1:T + L - 1]
+        lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=args.temperature, chunk=args.chunk)
+        out["text"] = (lp, mask, ent)
+    if batch.get("img") is not None:
+        im, uncond = batch["img"], [data.uncond_prompt(tok)] * len(batch["gen_prompts"])
+        if args.image_mode == "ar":
+            lp, sel, ent = M.ar_image_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
+        else:
+            lp, sel, ent = M.maskgit_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], im["step_of"], steps_sel,
+                                              args.rl_cfg, args.temperature, args.chunk, trunk)
+        out["image"] = (lp, sel, ent)
+    return out
+
+
+def old_logprobs(batch, key):
+    return batch["lp"] if key == "text" else batch["img"]["logprobs"]
+
+
+def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
+    """mu optimizer updates on one rollout batch; returns the logged statistics."""
+    A_text = F["advantages"](batch["r_text"] + (0 if args.split_adv else batch["r_img"]), args.adv)
+    A_img = F["advantages"](batch["r_img"] + (0 if args.split_adv else batch["r_text"]), args.adv)
+    keep = ~dgs.zero_variance_groups(batch["r_text"] + batch["r_img"]) if args.drop_zero_var else None
+    adv = {"text": A_text.flatten(), "image": A_img.flatten()}
+    g = random.Random(f"{args.seed}/steps/{step}")
+    steps_sel = sorted(g.sample(range(args.steps), args.update_steps or args.steps))
+    ref_lp = {}
+    if args.beta and ref is not None:  # beta = 0 skips the reference forward entirely
+        with torch.no_grad():
+            ref_lp = {k: v[0] for k, v in score_batch(ref, ref, tok, batch, args, steps_sel).items()}
+    stats = {}
+    raw.train()
+    for inner in range(args.mu):
+        scored = score_batch(model, raw, tok, batch, args, steps_sel)
+        loss = 0.0
+        for key, (lp, mask, ent) in scored.items():
+            old = old_logprobs(batch, key).to(lp.device)
+            if keep is not None:
+                mask = mask & keep.repeat_interleave(args.group)[:, None].to(mask.device)
+            a = adv[key].to(lp.device)[:, None]
+            obj, ratio = F["ppo_clip"](lp, old, a, args.eps, args.eps_high or args.eps)
+            kl = F["k3_kl"](lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
+            loss = loss + getattr(args, f"w_{key}_loss") * F["segment_mean"](obj + args.beta * kl, mask)
+            with torch.no_grad():
+                r = ratio[mask]
+                s = {f"{key}_ratio_mean": r.mean(), f"{key}_ratio_min": r.min(), f"{key}_ratio_max": r.max(),
+                     f"{key}_clip_frac": ((r < 1 - args.eps) | (r > 1 + (args.eps_high or args.eps))).float().mean(),
+                     f"{key}_kl": kl[mask].mean(), f"{key}_entropy": ent[mask].mean(),
+                     f"{key}_pg_var": (a * lp.detach() * mask).sum(-1).var()}  # spread of per-rollout PG terms
+                if inner == 0:  # on-policy: pi == pi_old up to float noise, so this must be ~0
+                    s[f"{key}_ratio_dev_first"] = (r - 1).abs().max()
+                stats.update({k: v.item() for k, v in s.items() if v.numel()})
+        loss.backward()
+        stats.update(grad_norm=clip_and_step(raw, opt, sched, args), loss=loss.item())
+    stats.update(adv_text_mean=A_text.mean().item(), adv_text_std=A_text.std().item(),
+                 adv_image_mean=A_img.mean().item(), adv_image_std=A_img.std().item(),
+                 effective_groups=dgs.effective_fraction(batch["r_text"] + batch["r_img"]))
+    return stats
+
+
+def has_ckpt(path):
+    try:
+        resolve_ckpt(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def rl(args, rank=0, world_size=1, device="cpu"):
+    """Sync-GRPO: held-out eval of the base, args.rl_iters RL steps, held-out eval again."""
+    base = args.base or os.path.join(args.out_dir, "pretrain")
+    if not has_ckpt(base):
+        if args.base:
+            resolve_ckpt(args.base)  # raises, naming the missing path
+        pretrain(args, rank, world_size, device)  # embedded default: make the base once, then reuse it
+        if world_size > 1:
+            dist.barrier()
+    world, tok = world_and_tokenizer(args)
+    policy, meta, _ = load_checkpoint(base, device)
+    args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
+    ref = load_checkpoint(base, device)[0].requires_grad_(False).eval() if args.beta else None
+    opt, sched = make_optimizer(policy, argparse.Namespace(**{**vars(args), "lr": args.rl_lr, "warmup": args.rl_warmup}),
+                                args.rl_iters * args.mu)
+    dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
+    run_dir = os.path.join(args.out_dir, "rl")
+    os.makedirs(run_dir, exist_ok=True)
+    held_out = data.load_tasks(args.data_dir, "test")
+    if args.resume and has_ckpt(run_dir):
+        path = resolve_ckpt(run_dir)
+        policy.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        dgs_state = dgs.DGSState.from_dict(state["dgs"])
+        set_rng_state(state["rng"])
+        step, before = state["step"], state["before"]
+    if rank == 0 and before is None:
+        before = E.evaluate(policy, tok, held_out, args)
+    model = DDP(policy) if world_size > 1 else policy
+    F = compiled(args)
+    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
+    bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
+    while step < args.rl_iters:
+        batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
+        t = time.time()
+        row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
+        row["t_update"] = time.time() - t
+        step += 1
+        for name, v in batch["comps"].items():
+            row[f"r_{name}"], row[f"r_{name}_std"] = v.mean().item(), v.std().item()
+        R = batch["r_text"] + batch["r_img"]
+        row.update(step=step, reward=R.mean().item(), reward_std=R.std().item(), lr=sched.get_last_lr()[0],
+                   rollout_share=row["t_rollout"] / (row["t_rollout"] + row["t_reward"] + row["t_update"]))
+        log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}")
+        if rank == 0 and (step % args.sample_every == 0 or step == args.rl_iters):
+            save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, args.group)
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.rl_iters):
+            save_checkpoint(run_dir, step, policy, dict(stage="rl", args=vars(args)),
+                            dict(opt=opt.state_dict(), sched=sched.state_dict(), dgs=dgs_state.state_dict(),
+                                 rng=rng_state(), step=step, before=before), args.keep)
+    bar.close()
+    if rank == 0:
+        after = E.evaluate(policy, tok, held_out, args)
+        print(E.table({"base": before, "sync-grpo": after}))
+        atomic_write(os.path.join(run_dir, "eval.json"), json.dumps({"base": before, "sync-grpo": after}, indent=1).encode())
+    return policy
+
+
+def save_rollouts(path, rolls, G, n_groups=4):
+    """PNG grid of the first rollouts of a few groups: prompt, reasoning text, image."""
+    picked = [r for i, r in enumerate(rolls) if i % G < 4][:4 * n_groups]
+    images = [data.render(r.codes if r.codes is not None else torch.zeros(data.N_IMG, dtype=torch.long)) for r in picked]
+    data.save_grid(path, images, [f"{r.task.question} | {r.text or ''}" for r in picked])
+
+
+def run_eval(args):
+    model, meta, _ = load_checkpoint(args.ckpt)
+    for k in ("cfg", "steps"):  # sample as the checkpoint was trained
+        setattr(args, k, meta["args"].get(k, getattr(args, k)))
+    args.image_mode = "ar" if model.cfg.image_causal else "maskgit"
+    world, tok = world_and_tokenizer(args)
+    res = E.evaluate(model, tok, data.load_tasks(args.data_dir, "test"), args)
+    print(E.table({os.path.basename(os.path.normpath(args.ckpt)): res}))
+    atomic_write(os.path.join(resolve_ckpt(args.ckpt), "eval.json"), json.dumps(res, indent=1).encode())
+    return res
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "eval":
+        if not args.ckpt:
+            raise SystemExit("--stage eval needs --ckpt PATH (a checkpoint folder or run folder)")
+        return run_eval(args)
+    rank, world_size, device = setup_dist()
+    try:
+        return (pretrain if args.stage == "pretrain" else rl)(args, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
