@@ -485,10 +485,10 @@ INFO_KEYS = ("class", "info", "extra_info", "sprite", "hat", "carry", "corner")
 
 
 def _write(path, obj):
-    """Write image codes as a PNG, anything else as JSON, atomically."""
-    if torch.is_tensor(obj):
+    """Write a PIL image or image codes as a PNG, anything else as JSON, atomically."""
+    if torch.is_tensor(obj) or isinstance(obj, Image.Image):
         buffer = BytesIO()
-        render(obj).save(buffer, "PNG")
+        (obj if isinstance(obj, Image.Image) else render(obj)).save(buffer, "PNG")
         content = buffer.getvalue()
     else:
         content = (json.dumps(obj, indent=1) + "\n").encode()
@@ -721,6 +721,4 @@ def save_grid(path, images, captions, cols=4, scale=2):
         x, y = (i % cols) * (w + 8), (i // cols) * (w + cap_h)
         sheet.paste(img.resize((w, w), Image.NEAREST), (x, y))
         pen.multiline_text((x, y + w + 2), "\n".join(wrap(cap)), fill="black")
-    buf = io.BytesIO()
-    sheet.save(buf, "PNG")
-    _write_atomic(Path(path), buf.getvalue())
+    _write(Path(path), sheet)

@@ -443,7 +443,8 @@ def sample_ar_image(model, cond, uncond, n_tokens, cfg_w=0.0, temperature=1.0, g
         if t < end - 1:
             tok = (k + c.image_offset).repeat(r)[:, None]
             h = model.hidden(tok, valid[:, :T + t + 1], pos=pos + t, cache=cache, start=T + t)[:, -1]
-    return dict(codes=codes, logprobs=lps, step=end, pred=codes)
+    # the preview of a partial AR image: rows not drawn yet read as background (code 0)
+    return dict(codes=codes, logprobs=lps, step=end, pred=codes.clamp(min=0))
 
 
 def ar_image_logprobs(model, cond, uncond, codes, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None):

@@ -65,6 +65,7 @@ def get_args(argv=None):
     a("--ckpt-every", type=int, default=250, help="steps between checkpoints (int)")
     a("--keep", type=int, default=2, help="checkpoints kept on disk (int)")
     a("--resume", action="store_true", help="continue from <out-dir>/<stage>/latest")
+    a("--stop-after", type=int, default=0, help="RL: checkpoint and exit after this many steps of this run (0 = run to the end); for time-limited jobs")
     # Sync-GRPO
     a("--base", default=None, help="base checkpoint for RL (default <out-dir>/pretrain, made first if missing)")
     a("--tasks", default="both", choices=list(MIXES), help="rollout mix: both (modes u and r), u, r, und (text only), gen (image only)")
@@ -614,7 +615,8 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     F = compiled(args)
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
     bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
-    while step < args.rl_iters:
+    end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
+    while step < end:
         batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
         t = time.time()
         row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
@@ -630,12 +632,12 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         if rank == 0 and (step % args.sample_every == 0 or step == args.rl_iters):
             save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, args.group)
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.rl_iters):
+        if rank == 0 and (step % args.ckpt_every == 0 or step == end):
             save_checkpoint(run_dir, step, policy, dict(stage="rl", args=vars(args)),
                             dict(opt=opt.state_dict(), sched=sched.state_dict(), dgs=dgs_state.state_dict(),
                                  rng=rng_state(), step=step, before=before), args.keep)
     bar.close()
-    if rank == 0:
+    if rank == 0 and step == args.rl_iters:
         after = E.evaluate(policy, tok, held_out, args)
         print(E.table({"base": before, "sync-grpo": after}))
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps({"base": before, "sync-grpo": after}, indent=1).encode())

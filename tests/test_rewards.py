@@ -1,0 +1,96 @@
+"""Every reward exact on hand-built cases; the ensemble's weighting, skipping and failure modes."""
+import math
+
+import pytest
+import torch
+
+import data
+import rewards as R
+
+C = data.Concept("<c0>", "robot", [data.code_of("red", "circle"), data.code_of("blue", "square"),
+                                   data.code_of("green", "cross"), data.code_of("yellow", "triangle")],
+                 "purple", ("orange", "circle"), "top left")
+
+
+def grid(pos=(1, 1), hat=None, sprite=None):
+    g = [0] * data.N_IMG
+    for (dr, dc), code in zip(data.SPRITE_OFFSETS, sprite or C.sprite):
+        g[(pos[0] + dr) * data.GRID + pos[1] + dc] = code
+    if hat:
+        g[(pos[0] - 1) * data.GRID + pos[1]] = data.code_of(hat, "triangle")
+    return torch.tensor(g)
+
+
+def kgen_hat():
+    return data.Task("kgen", C, "draw <c0> wearing its hat", C.facts[0], meta={"fact": "hat"})
+
+
+def test_char_bleu_hand_cases():
+    assert R.char_bleu("top left", "top left") == pytest.approx(1.0)
+    assert R.char_bleu("", "abc") == 0.0
+    # "ab" vs "abc": p1 = 2/2, p2 = 1/1, brevity = exp(1 - 3/2)
+    assert R.char_bleu("ab", "abc") == pytest.approx(math.exp(-0.5))
+    assert R.char_bleu("ba", "ab") == 0.0  # no shared bigram
+    # "aab" vs "ab": p1 = 2/3 (clipped 'a'), p2 = 1/2 ('aa' misses), no brevity penalty
+    assert R.char_bleu("aab", "ab") == pytest.approx(math.exp(0.7 * math.log(2 / 3) + 0.3 * math.log(1 / 2)))
+
+
+def test_text_rewards():
+    t = data.Task("textqa", C, "what colour is the hat of <c0> ?", "purple", meta={"fact": "hat"})
+    rolls = [R.Rollout(t, text="purple"), R.Rollout(t, text=" Purple  "), R.Rollout(t, text="red"),
+             R.Rollout(t, text="purple", finished=False)]
+    assert R.text_exact(rolls, {}) == [1.0, 1.0, 0.0, 1.0]
+    assert R.format_ok(rolls, {}) == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_image_rewards_hand_built():
+    task = kgen_hat()
+    good, wrong_hat, no_hat = grid(hat="purple"), grid(hat="red"), grid()
+    one_off = grid(sprite=[C.sprite[0], C.sprite[1], C.sprite[2], data.code_of("red", "cross")], hat="purple")
+    rolls = [R.Rollout(task, task, "x", c) for c in (good, wrong_hat, no_hat, one_off)]
+    assert R.identity(rolls, {}) == [1.0, 1.0, 1.0, 0.75]
+    assert R.knowledge(rolls, {}) == [1.0, 0.5, 0.0, 1.0]
+    assert R.alignment(rolls, {}) == [1.0, 1.0, 1.0, 0.0]
+    gen = data.Task("gen", C, "draw <c0> in the bottom right", "", meta={"region": "bottom right"})
+    assert R.alignment([R.Rollout(gen, gen, "", grid((5, 5))), R.Rollout(gen, gen, "", grid())], {}) == [1.0, 0.5]
+    assert R.knowledge([R.Rollout(gen, gen, "", grid())], {}) == [0.0]  # plain requests carry no fact
+    assert R.plausibility([R.Rollout(gen, gen, "", grid()), R.Rollout(gen, gen, "", torch.zeros(64, dtype=torch.long))], {}) == [1.0, 0.0]
+    assert R.identity([R.Rollout(gen)], {}) == [0.0]  # no image drawn: no image reward
+
+
+def test_cycle_reward_uses_the_policy_judge():
+    task = kgen_hat()
+    seen = []
+
+    def recognize(concepts, codes):
+        seen.append((concepts, codes))
+        return [0.9 for _ in codes]
+    out = R.cycle([R.Rollout(task, task, "x", grid()), R.Rollout(task)], {"recognize": recognize})
+    assert out == [pytest.approx(0.9), 0.0]
+    assert len(seen[0][1]) == 1 and seen[0][0][0] is C
+
+
+def test_ensemble_weights_and_split():
+    task = kgen_hat()
+    rolls = [R.Rollout(task, task, C.facts[0], grid(hat="purple")), R.Rollout(task, task, "no", grid(hat="red"))]
+    w = {"text_exact": 0.5, "identity": 0.25, "knowledge": 1.0}
+    r_text, r_img, comps = R.ensemble(rolls, w, {})
+    assert set(comps) == {"text_exact", "identity", "knowledge"}  # weight 0 or absent: not computed
+    assert r_text.tolist() == [0.5, 0.0]
+    assert r_img.tolist() == [1.25, 0.75]
+
+
+def test_nan_or_raising_reward_stops_with_its_name(monkeypatch):
+    task = kgen_hat()
+    rolls = [R.Rollout(task, task, "a", grid()), R.Rollout(task, task, "b", grid())]
+    monkeypatch.setitem(R.IMAGE, "identity", lambda rs, ctx: [0.0, float("nan")])
+    with pytest.raises(RuntimeError, match="identity.*rollout 1"):
+        R.ensemble(rolls, {"identity": 1.0}, {})
+    monkeypatch.setitem(R.IMAGE, "identity", lambda rs, ctx: 1 / 0)
+    with pytest.raises(RuntimeError, match="identity"):
+        R.ensemble(rolls, {"identity": 1.0}, {})
+
+
+def test_preview_score():
+    gen = data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left"})
+    assert R.preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65 + 0.35 * 0.5)]
