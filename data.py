@@ -22,7 +22,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -97,7 +97,14 @@ def code_name(code):
 
 
 def object_text(code):
-    return "a {} {}".format(*code_name(code))
+    return "a " + object_word(code)
+
+
+def object_word(code):
+    # one word per code ("red-circle"), and the tokenizer maps it to that image code's own id: the
+    # world's texts name objects with the codebook entries, so drawing what a text describes is copying
+    # tokens (which a CPU-sized model learns in minutes) instead of translating words into codes
+    return "{}-{}".format(*code_name(code))
 
 
 CODEBOOK_PIXELS = _codebook_pixels()  # [CODEBOOK, CELL, CELL, 3]
@@ -167,7 +174,7 @@ class Concept:
 def fact_answer(concept, fact):
     """The textqa answer about one fact."""
     if fact == "carry":
-        return "a {} {}".format(*concept.carry)
+        return object_text(code_of(*concept.carry))
     return concept.hat if fact == "hat" else concept.corner
 
 
@@ -328,6 +335,13 @@ def kgen_task(concept, fact, rng):
                 meta={"fact": fact} | ({"region": concept.corner} if corner else {}))
 
 
+def anonymize(concepts, n_ids, rng):
+    """Copies of the concepts under fresh identifiers drawn from <c0>..<c{n_ids-1}>. An identifier is a
+    name bound by the user context: training under shuffled names teaches the model to read the context
+    instead of memorizing ids, and no identifier a held-out concept uses is left untrained."""
+    return [replace(c, token=f"<c{i}>") for c, i in zip(concepts, rng.sample(range(n_ids), len(concepts)))]
+
+
 def make_tasks(world_or_concepts, kinds, n, seed):
     """n tasks, kind and concept drawn uniformly for each.  A World means its train split."""
     concepts = (world_or_concepts.train if isinstance(world_or_concepts, World)
@@ -443,8 +457,8 @@ def world_words():
 class WordTokenizer:
     """Closed-vocabulary whitespace tokenizer over the joint text+image vocabulary:
     ids are specials, world words, concept tokens <c0>.., then the CODEBOOK image codes
-    (id = image_offset + code).  A transformers tokenizer with added concept and image
-    tokens could fill this same interface later."""
+    (id = image_offset + code); object words ("red-circle") are their image codes' ids.  A
+    transformers tokenizer with added concept and image tokens could fill this interface later."""
 
     def __init__(self, n_concepts: int, extra_words=()):
         words = sorted(set(world_words()) | set(extra_words))
@@ -456,6 +470,7 @@ class WordTokenizer:
         self.image_offset = self.n_text = len(self.itos)
         self.codebook_size = CODEBOOK
         self.vocab_size = self.image_offset + CODEBOOK
+        self.stoi.update({object_word(c): self.image_offset + c for c in range(1, CODEBOOK)})
 
     def encode(self, text: str) -> list[int]:
         for word in text.split():
@@ -468,14 +483,15 @@ class WordTokenizer:
         return [self.stoi[word] for word in text.split()]
 
     def decode(self, ids) -> str:
-        """Words joined by spaces; specials dropped, image codes shown as <img>."""
+        """Words joined by spaces; specials dropped, image codes shown as object words."""
         ids = torch.as_tensor(ids).reshape(-1).tolist()
-        return " ".join("<img>" if i >= self.image_offset else self.itos[i]
-                        for i in ids if i >= len(SPECIALS))
+        return " ".join(("background" if i == self.image_offset else object_word(i - self.image_offset))
+                        if i >= self.image_offset else self.itos[i] for i in ids if i >= len(SPECIALS))
 
     def text_ids(self) -> torch.Tensor:
-        """Every id a text answer may use: words, concept tokens and <eor>."""
-        return torch.tensor([self.eor_id, *range(len(SPECIALS), self.image_offset)])
+        """Every id a text answer may use: words, concept tokens, object codes and <eor>."""
+        return torch.tensor([self.eor_id, *range(len(SPECIALS), self.image_offset),
+                             *range(self.image_offset + 1, self.vocab_size)])
 
 
 # ---------------------------------------------------------------- disk layout (UnifyBench)

@@ -98,6 +98,7 @@ def get_args(argv=None):
         a(f"--w-{name.replace('_', '-')}", type=float, default=w, help=f"ensemble weight of the {name} reward (0 = off)")
     # evaluation / sampling
     a("--eval-batch", type=int, default=64, help="prompts per sampling batch in evaluation (int)")
+    a("--eval-temperature", type=float, default=1.0, help="image sampling temperature in evaluation (fixed seed)")
     a("--max-text", type=int, default=12, help="max new text tokens per answer (int)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = p.parse_args(argv)
@@ -243,7 +244,8 @@ def save_samples(path, model, tok, tasks, args):
     """PNG grid: each generation task's prompt, the model's reasoning and its drawing."""
     texts = E.answer(model, tok, [data.understanding_prompt(tok, t) for t in tasks], args.max_text)[0]
     prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in zip(tasks, texts)]
-    codes = E.draw(model, tok, prompts, args, temperature=0.0)["codes"]
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
+    codes = E.draw(model, tok, prompts, args, args.eval_temperature, g)["codes"]
     data.save_grid(path, [data.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])
 
 
@@ -318,7 +320,8 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     while step < args.iters:
         # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
         rng = random.Random(f"{args.seed}/{rank}/{step}")
-        tasks = data.make_tasks(world.train, kinds, args.batch, seed=rng.randrange(2**31))
+        concepts = data.anonymize(world.train, len(world.concepts), rng)
+        tasks = data.make_tasks(concepts, kinds, args.batch, seed=rng.randrange(2**31))
         # half the VQA questions become mode-u drawings: draw the concept from the answer just given
         tasks = [data.draw_after_answer(t) if t.kind == "vqa" and rng.random() < 0.5 else t for t in tasks]
         raw.train()
@@ -443,8 +446,10 @@ def recognizer(model, tok):
 def collect(model, tok, world, args, rank, step, dgs_state):
     """One RL batch: P prompts x G rollouts, their rewards and stored rollout log-probs."""
     dev = model.lm_head.weight.device
-    g = torch.Generator(dev).manual_seed(hash((args.seed, rank, step)) % 2**63)
-    tasks = data.make_tasks(world.train, MIXES[args.tasks], args.rollouts // args.group, seed=g.initial_seed() % 2**31)
+    g = torch.Generator(dev).manual_seed(hash((args.seed, rank, step)) % 2**63)  # resume replays the same rollouts
+    rng = random.Random(f"{args.seed}/{rank}/{step}")
+    concepts = data.anonymize(world.train, len(world.concepts), rng)
+    tasks = data.make_tasks(concepts, MIXES[args.tasks], args.rollouts // args.group, seed=rng.randrange(2**31))
     model.eval()
     t0 = time.time()
     parts, rolls, stats = [], [], []

@@ -79,10 +79,10 @@ def test_wrong_size_png_names_the_file(tmp_path):
 # ---------------------------------------------------------------- concepts and checkers
 
 def test_concept_texts():
-    assert C7.description == ("<c7> is a robot . its top left is a red circle , its top right is a "
-                              "blue square , its bottom left is a green cross , its bottom right "
-                              "is a yellow triangle .")
-    assert C7.facts == ["<c7> has a red hat", "<c7> carries a green cross",
+    assert C7.description == ("<c7> is a robot . its top left is a red-circle , its top right is a "
+                              "blue-square , its bottom left is a green-cross , its bottom right "
+                              "is a yellow-triangle .")
+    assert C7.facts == ["<c7> has a red hat", "<c7> carries a green-cross",
                         "<c7> likes the top left corner"]
     assert C7.context == C7.description + " " + " . ".join(C7.facts) + " ."
 
@@ -351,9 +351,10 @@ def test_tokenizer_layout():
     assert tok.vocab_size == tok.image_offset + CODEBOOK
     allowed = set(tok.text_ids().tolist())
     assert tok.eor_id in allowed and tok.eos_id not in allowed and tok.image_offset not in allowed
-    assert allowed == {tok.eor_id, *range(8, tok.image_offset)}
+    assert allowed == {tok.eor_id, *range(8, tok.image_offset), *range(tok.image_offset + 1, tok.vocab_size)}
+    assert tok.encode("a red-circle") == [tok.stoi["a"], tok.image_offset + code_of("red", "circle")]
     ids = tok.encode("<c3> has a red hat") + [tok.eor_id, tok.image_offset + 5, tok.pad_id]
-    assert tok.decode(ids) == "<c3> has a red hat <img>"
+    assert tok.decode(ids) == "<c3> has a red hat purple-square"
     assert tok.decode(torch.tensor(ids)) == tok.decode(ids)
 
 
@@ -374,6 +375,7 @@ def test_tokenizer_round_trips_every_text(small_world):
     texts = [c.context for c in full.concepts] + [s for t in tasks for s in (t.question, t.answer)]
     for text in texts:
         ids = tok.encode(text)
-        assert all(0 <= i < tok.n_text for i in ids)
+        # words and concepts are text ids; object words are their image codes' ids (never background)
+        assert all(0 <= i < tok.n_text or tok.image_offset < i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
         assert set(tok.encode(text)) <= set(tok.text_ids().tolist())
