@@ -79,7 +79,7 @@ def test_wrong_size_png_names_the_file(tmp_path):
 # ---------------------------------------------------------------- concepts and checkers
 
 def test_concept_texts():
-    assert C7.description == ("<c7> is a robot . its top left is a red-circle , its top right is a "
+    assert C7.description == ("<c7> is a red robot . its top left is a red-circle , its top right is a "
                               "blue-square , its bottom left is a green-cross , its bottom right "
                               "is a yellow-triangle .")
     assert C7.facts == ["<c7> has a red hat", "<c7> carries a green-cross",
