@@ -40,6 +40,8 @@ class Config:
     codebook_size: int = 0
     mask_id: int = -1
     pad_id: int = 0
+    boi_id: int = -1           # an image block is everything between <boi> and <eoi> (or the end)
+    eoi_id: int = -1
     image_causal: bool = False
 
 
@@ -114,18 +116,16 @@ class UnifiedModel(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
-    def is_image(self, idx):
-        c = self.cfg
-        return ((idx >= c.image_offset) & (idx < c.image_offset + c.codebook_size)) | (idx == c.mask_id)
-
     def omni_mask(self, idx, valid):
         """[B,1,T,T] bool: causal, plus bidirectional inside each contiguous image block, minus padding."""
         T = idx.shape[1]
         mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None]
         if not self.cfg.image_causal:
-            img = self.is_image(idx)
-            start = img & ~F.pad(img, (1, 0))[:, :-1]
-            blk = torch.where(img, start.cumsum(1), -1)
+            # blocks come from the <boi>/<eoi> markers, not from token ids: object words in text use
+            # image-code ids too, and they must stay causal, exactly as the text sampler decodes them
+            opened = (idx == self.cfg.boi_id).cumsum(1)
+            img = (opened > (idx == self.cfg.eoi_id).cumsum(1)) & (idx != self.cfg.boi_id)
+            blk = torch.where(img, opened, -1)
             mask = mask | ((blk[:, :, None] == blk[:, None, :]) & img[:, :, None])
         mask = mask & valid[:, None, :]
         # a padded query may see no key at all; letting it see itself keeps SDPA free of NaN rows

@@ -204,7 +204,8 @@ def world_and_tokenizer(args):
 def new_model(args, tok):
     cfg = M.Config(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                    n_inner=4 * args.n_embd, image_offset=tok.image_offset, codebook_size=tok.codebook_size,
-                   mask_id=tok.mask_id, pad_id=tok.pad_id, image_causal=args.image_mode == "ar")
+                   mask_id=tok.mask_id, pad_id=tok.pad_id, boi_id=tok.boi_id, eoi_id=tok.eoi_id,
+                   image_causal=args.image_mode == "ar")
     return M.UnifiedModel(cfg)
 
 
@@ -449,7 +450,10 @@ def collect(model, tok, world, args, rank, step, dgs_state):
     g = torch.Generator(dev).manual_seed(hash((args.seed, rank, step)) % 2**63)  # resume replays the same rollouts
     rng = random.Random(f"{args.seed}/{rank}/{step}")
     concepts = data.anonymize(world.train, len(world.concepts), rng)
-    tasks = data.make_tasks(concepts, MIXES[args.tasks], args.rollouts // args.group, seed=rng.randrange(2**31))
+    tasks = data.make_tasks(concepts, MIXES[args.tasks], 4 * args.rollouts // args.group, seed=rng.randrange(2**31))
+    # "is <c> in the image ?" asked in VQA is always about a positive scene; RL on it alone would
+    # teach "yes" to everything, so recognition is trained only through its balanced task kind
+    tasks = [t for t in tasks if t.meta.get("q") != "recognition"][:args.rollouts // args.group]
     model.eval()
     t0 = time.time()
     parts, rolls, stats = [], [], []

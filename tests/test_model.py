@@ -5,12 +5,13 @@ import torch
 import model as M
 
 V, OFF, K, MASK = 64, 40, 20, 60  # ids 40..59 are image codes, 60 is <mask>
+BOI, EOI = 3, 61
 
 
 def tiny(image_causal=False, seed=0):
     torch.manual_seed(seed)
     cfg = M.Config(vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_inner=64, image_offset=OFF,
-                   codebook_size=K, mask_id=MASK, pad_id=0, image_causal=image_causal)
+                   codebook_size=K, mask_id=MASK, pad_id=0, boi_id=BOI, eoi_id=EOI, image_causal=image_causal)
     m = M.UnifiedModel(cfg).eval()
     for p in m.parameters():  # non-trivial biases and norms so parity tests can fail
         p.data.add_(0.05 * torch.randn_like(p))
@@ -41,25 +42,34 @@ def test_from_pretrained_missing_folder(tmp_path):
 
 def test_omni_mask_bidirectional_inside_image_only():
     m = tiny()
-    idx = torch.tensor([[1, 2, OFF, OFF + 3, MASK, 3, OFF + 1]])
+    idx = torch.tensor([[1, OFF + 2, BOI, OFF, OFF + 3, MASK, EOI, 5, BOI, OFF + 1, OFF + 4]])
     mask = m.omni_mask(idx, torch.ones_like(idx, dtype=torch.bool))[0, 0]
-    assert mask[2, 4] and mask[4, 2]          # inside the first image block: both ways
-    assert not mask[1, 2]                     # text cannot look ahead into the image
-    assert not mask[4, 6] and mask[6, 4]      # a later block is separate: causal between blocks
-    assert not mask[2, 6]                     # first block cannot see the later block
+    assert mask[3, 5] and mask[5, 3]          # inside the first image block: both ways
+    assert not mask[2, 3] and not mask[1, 3]  # <boi> and text cannot look ahead into the image
+    assert not mask[5, 6] and mask[6, 5]      # <eoi> closes the block: causal again
+    assert not mask[4, 9] and mask[9, 4]      # a later block is separate: causal between blocks
+    assert mask[9, 10] and mask[10, 9]
     causal = tiny(image_causal=True).omni_mask(idx, torch.ones_like(idx, dtype=torch.bool))[0, 0]
-    assert not causal[2, 4] and causal[4, 2]
+    assert not causal[3, 5] and causal[5, 3]
+
+
+def test_image_codes_in_text_stay_causal():
+    """Object words use image-code ids; outside <boi>..<eoi> they must be causal like the text sampler."""
+    m = tiny()
+    idx = torch.tensor([[1, 5, OFF + 2, OFF + 3, 6]])
+    mask = m.omni_mask(idx, torch.ones_like(idx, dtype=torch.bool))[0, 0]
+    assert torch.equal(mask, torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 def test_image_tokens_see_later_image_tokens():
     m = tiny()
-    a = torch.tensor([[1, 2, OFF, OFF + 3, OFF + 5]])
+    a = torch.tensor([[1, 2, BOI, OFF, OFF + 3, OFF + 5]])
     b = a.clone()
-    b[0, 4] = OFF + 9
+    b[0, 5] = OFF + 9
     with torch.no_grad():
         ha, hb = m.hidden(a), m.hidden(b)
-    assert (ha[0, 2] - hb[0, 2]).abs().max() > 1e-6  # bidirectional: an earlier image token changes
-    assert (ha[0, 1] - hb[0, 1]).abs().max() == 0     # text before the image does not
+    assert (ha[0, 3] - hb[0, 3]).abs().max() > 1e-6  # bidirectional: an earlier image token changes
+    assert (ha[0, 2] - hb[0, 2]).abs().max() == 0     # <boi> and text before the image do not
 
 
 def test_left_padding_does_not_change_outputs():
@@ -86,8 +96,8 @@ def full_recompute_greedy(m, prompt, n, allowed):
 
 def test_kv_cache_greedy_equals_full_recomputation():
     m = tiny()
-    allowed = torch.arange(1, 30)
-    prompts = [[1, 4, 5, 6, 7], [2, 3], [9, 8, 7, 6, 5, 4, 3]]
+    allowed = torch.tensor([1, 2, *range(4, 30)])  # text never emits <boi> (id 3)
+    prompts = [[1, 4, 5, 6, 7], [2, 8], [9, 8, 7, 6, 5, 4, 2]]
     toks, lps, valid = M.sample_text(m, prompts, 8, allowed, stop_ids=[], temperature=0)
     for i, p in enumerate(prompts):
         ref, ref_lp = full_recompute_greedy(m, p, 8, allowed)
@@ -98,8 +108,8 @@ def test_kv_cache_greedy_equals_full_recomputation():
 
 def test_text_sampler_logprobs_match_scorer_and_stop():
     m = tiny()
-    allowed = torch.arange(1, 30)
-    prompts = [[1, 4, 5], [2, 3, 3, 3]]
+    allowed = torch.tensor([1, 2, *range(4, 30)])
+    prompts = [[1, 4, 5], [2, 6, 6, 6]]
     g = torch.Generator().manual_seed(3)
     toks, lps, valid = M.sample_text(m, prompts, 12, allowed, stop_ids=[7, 8, 9], temperature=1.3, generator=g)
     assert torch.all(toks[~valid] == 0)
