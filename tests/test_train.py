@@ -157,14 +157,17 @@ def test_ddp_two_cpu_ranks_stay_identical(base, tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
-def test_reward_rises_on_a_trivial_task(base):
-    """Learning signal: text-only RL on BLEU of the answers; the mean reward must rise within 30 steps."""
+def test_reward_rises_on_a_trivial_task(base, monkeypatch):
+    """Learning signal: text-only RL where the reward is "the answer starts with yes"; a fixed seed, and
+    the mean reward of the last steps must clearly beat that of the first ones."""
     if base.name.startswith("ar"):
         pytest.skip("text-only: the image mode does not matter")
-    zero = [f"--w-{k.replace('_', '-')}=0" for k in ("text_exact", "identity", "alignment", "knowledge", "plausibility", "cycle")]
-    T.rl(tiny_args(base, *RL, *zero, "--base", str(base / "pretrain"), "--tasks", "und", "--rl-iters", "30",
-                   "--rl-lr", "3e-3", "--beta", "0", "--rollouts", "16", "--seed", "3"))
     import json
+    import rewards
+    monkeypatch.setitem(rewards.TEXT, "text_exact", lambda rolls, ctx: [float((r.text or "").split()[:1] == ["yes"]) for r in rolls])
+    zero = [f"--w-{k.replace('_', '-')}=0" for k in ("text_bleu", "identity", "alignment", "knowledge", "plausibility", "cycle")]
+    T.rl(tiny_args(base, *RL, *zero, "--w-text-exact=1", "--base", str(base / "pretrain"), "--tasks", "und",
+                   "--rl-iters", "20", "--rl-lr", "3e-3", "--beta", "0", "--rollouts", "16", "--seed", "3"))
     rows = [json.loads(line) for line in open(base / "rl" / "metrics.jsonl")]
-    first, last = [r["reward"] for r in rows[:6]], [r["reward"] for r in rows[-6:]]
-    assert sum(last) / 6 > sum(first) / 6 + 0.05, (first, last)
+    first, last = [r["reward"] for r in rows[:5]], [r["reward"] for r in rows[-5:]]
+    assert sum(last) / 5 > sum(first) / 5 + 0.2, (first, last)
