@@ -666,6 +666,9 @@ def run_eval(args):
         setattr(args, k, meta["args"].get(k, getattr(args, k)))
     args.image_mode = "ar" if model.cfg.image_causal else "maskgit"
     world, tok = world_and_tokenizer(args)
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"{args.data_dir}: its world needs a vocabulary of {tok.vocab_size} ids but the checkpoint "
+                         f"{args.ckpt} has {model.cfg.vocab_size}; use the same --n-train-concepts/--n-test-concepts")
     res = E.evaluate(model, tok, data.load_tasks(args.data_dir, "test"), args)
     print(E.table({os.path.basename(os.path.normpath(args.ckpt)): res}))
     atomic_write(os.path.join(resolve_ckpt(args.ckpt), "eval.json"), json.dumps(res, indent=1).encode())
