@@ -182,6 +182,15 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), meta, state
 
 
+def restore(run_dir, model, opt, sched):
+    """Load a run's latest weights, optimizer and scheduler in place; returns (step, saved state)."""
+    loaded, meta, state = load_checkpoint(run_dir)
+    model.load_state_dict(loaded.state_dict())
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return meta["step"], state
+
+
 def rng_state():
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -307,11 +316,7 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     opt, sched = make_optimizer(raw, args, args.iters)
     step = 0
     if args.resume:
-        raw, meta, state = load_checkpoint(run_dir, device)
-        opt, sched = make_optimizer(raw, args, args.iters)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = meta["step"]
+        step, _ = restore(run_dir, raw, opt, sched)
     model = DDP(raw) if world_size > 1 else raw
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
     kinds = ["recognition", "vqa", "textqa", "gen", "kgen"]
@@ -610,14 +615,10 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     os.makedirs(run_dir, exist_ok=True)
     held_out = data.load_tasks(args.data_dir, "test")
     if args.resume and has_ckpt(run_dir):
-        path = resolve_ckpt(run_dir)
-        policy.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        step, state = restore(run_dir, policy, opt, sched)
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
         set_rng_state(state["rng"])
-        step, before = state["step"], state["before"]
+        before = state["before"]
     if rank == 0 and before is None:
         before = E.evaluate(policy, tok, held_out, args)
     model = DDP(policy) if world_size > 1 else policy
