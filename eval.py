@@ -3,7 +3,8 @@ Held-out evaluation with UnifyBench-style metrics, on the concepts the model nev
 
   python train.py --stage eval --ckpt out/base        # or any checkpoint folder / run folder
 
-Understanding: recognition accuracy (positives, negatives, all), VQA accuracy, text-only QA accuracy
+Understanding: recognition accuracy (weighted: the mean of the positive and negative accuracies, as
+Yo'LLaVA reports it, so a constant "yes" or "no" scores 0.5 however unbalanced the questions), VQA accuracy, text-only QA accuracy
 (greedy answers, exact match). Generation: the model first writes its reasoning, then draws
 (MaskGIT or AR, with the run's CFG); identity (CLIP-I analogue: share of the concept's sprite drawn),
 alignment (CLIP-T analogue: the request's placement), knowledge-driven score (0 / 0.5 / 1), and
@@ -55,9 +56,10 @@ def evaluate(model, tok, tasks, args):
         texts = answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)[0]
         for t, text in zip(chunk, texts):
             ok = data.answer_correct(t, text)
-            scores[t.kind].append(ok)
             if t.kind == "recognition":
                 scores["recognition_neg" if t.answer == "no" else "recognition_pos"].append(ok)
+            else:
+                scores[t.kind].append(ok)
     for chunk in batches(gen, args.eval_batch):
         texts, toks, _, valid = answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)
         prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(text)) for t, text in zip(chunk, texts)]
@@ -69,7 +71,9 @@ def evaluate(model, tok, tasks, args):
             if t.kind == "kgen":
                 scores["knowledge"].append(data.knowledge_score(t, c))
                 scores["reasoning"].append(data.answer_correct(t, text))
-    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in scores.items()}
+    res = {k: (sum(v) / len(v) if v else float("nan")) for k, v in scores.items()}
+    res["recognition"] = (res["recognition_pos"] + res["recognition_neg"]) / 2
+    return res
 
 
 def table(columns):
