@@ -67,7 +67,12 @@ class Attention(nn.Module):
         r = self.rot  # rotary only on the first `rot` dims of each head, as in Phi
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
-        if cache is not None:  # static cache: write this chunk at [start, start+T), attend to [0, start+T)
+        if cache is not None and torch.is_tensor(start):  # fixed shapes (compile_step): write at a
+            at = start + torch.arange(T, device=x.device)      # tensor index, attend to the whole cache
+            cache[0].index_copy_(2, at, k)
+            cache[1].index_copy_(2, at, v)
+            k, v = cache
+        elif cache is not None:  # static cache: write this chunk at [start, start+T), attend to [0, start+T)
             cache[0][:, :, start:start + T] = k
             cache[1][:, :, start:start + T] = v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
@@ -140,12 +145,16 @@ class UnifiedModel(nn.Module):
     def hidden(self, idx, valid=None, pos=None, cache=None, start=0):
         """Final-layernormed hidden states [B,T,D]. With `cache`, the chunk is written at `start` and
         attends to everything cached before it (prefill with start=0 uses the omni mask; later chunks
-        are single decode steps and see every valid earlier key)."""
+        are single decode steps and see every valid earlier key). A tensor `start` is the fixed-shape
+        form used by the compiled decode step: `valid` then covers the whole cache and every key is read."""
         if valid is None:
             valid = torch.ones_like(idx, dtype=torch.bool)
         if pos is None:  # left padding: positions count real tokens only, same in sampler and scorer
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        if cache is None or start == 0:
+        if torch.is_tensor(start):  # fixed-shape decode step: `valid` spans the whole cache, unwritten = False
+            cols = torch.arange(valid.shape[1], device=idx.device)
+            mask = (valid | ((cols >= start) & (cols < start + idx.shape[1])))[:, None, None, :]
+        elif cache is None or start == 0:
             mask = self.omni_mask(idx, valid[:, -idx.shape[1]:])
         else:
             mask = valid[:, None, None, :start + idx.shape[1]].clone()
@@ -231,9 +240,19 @@ def config_dict(cfg):
 # One function per modality turns hidden states into the log-probs the policy samples from; the
 # samplers and the scorers both call it, so temperature, CFG and the vocabulary mask always agree.
 
-def subset_logprobs(model, h, ids, temperature=1.0):
-    """log_softmax over the allowed ids only (allowed-vocabulary mask), reading just those head rows."""
+def head_rows(model, ids):
+    """The lm_head rows of the allowed ids, gathered once (and cast once under autocast) so a decode
+    loop does not copy them every token: at Show-o's vocabulary that copy is ~0.5 GB per step."""
     w, b = model.lm_head.weight[ids], model.lm_head.bias[ids]
+    if torch.is_autocast_enabled(w.device.type):  # the cast autocast would redo per matmul (w is no leaf)
+        w = w.to(torch.get_autocast_dtype(w.device.type))
+    return w, b
+
+
+def subset_logprobs(model, h, ids, temperature=1.0, rows=None):
+    """log_softmax over the allowed ids only (allowed-vocabulary mask), reading just those head rows.
+    rows: head_rows(model, ids) precomputed by a sampler; the same numbers either way."""
+    w, b = rows if rows is not None else (model.lm_head.weight[ids], model.lm_head.bias[ids])
     return F.log_softmax((h @ w.t() + b).float() / (temperature or 1.0), dim=-1)
 
 
@@ -300,34 +319,64 @@ def token_logprobs(model, h, targets, ids=None, temperature=1.0, chunk=0):
 
 # ----------------------------------------------------------------------------- text sampling
 
+_COMPILED = {}  # the compiled decode step, made once per process so its graphs are reused across calls
+BUCKET = 64     # compile_step rounds the cache length up to a multiple of this: one graph per bucket
+
+
+def _decode_step(model, tok, valid, pos, cache, start):
+    return model.hidden(tok, valid, pos=pos, cache=cache, start=start)[:, -1]
+
+
+def decode_step(compile_step):
+    """The single-token decode step, eager or compiled (fixed shapes: start is a tensor, so one graph
+    serves every position; a new batch size or length bucket compiles a new graph)."""
+    if not compile_step:
+        return _decode_step
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_decode_step, dynamic=False)
+    return _COMPILED["step"]
+
+
 @torch.no_grad()
-def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None):
+def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None,
+                compile_step=False):
     """Batched KV-cache decoding. prompts: list of id lists. allowed: LongTensor of ids the text may use.
     Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution
     (top-k only truncates sampling; keep it 0 for RL so sampler and scorer see the same distribution).
+    compile_step=True runs each single-token step through torch.compile with fixed shapes: the cache
+    length is rounded up to a multiple of BUCKET and every step attends to all of it under a mask, so
+    one graph per (batch size, bucket) serves all positions. Same tokens, log-probs within 1e-5. The
+    first call per shape pays the compile (inductor; on CPU it builds C++ with the system compiler,
+    tens of seconds), so it pays off only for long or repeated decodes; off by default. Default
+    inductor mode: CUDA graphs ("reduce-overhead") would skip this step, as it writes the cache in place.
     Returns tokens [B,N], logprobs [B,N], valid [B,N] (False after a row's stop token)."""
     dev = model.lm_head.weight.device
     ids, valid = pad_left(prompts, model.cfg.pad_id, dev)
     B, T = ids.shape
     allowed = allowed.to(dev)
     stop = torch.tensor(stop_ids, device=dev)
-    cache = model.new_cache(B, T + max_new)
+    L = -(-(T + max_new) // BUCKET) * BUCKET if compile_step else T + max_new
+    cache = model.new_cache(B, L)
     h = model.hidden(ids, valid, cache=cache)[:, -1]
     pos = valid.sum(1, keepdim=True)
-    valid = torch.cat((valid, torch.zeros(B, max_new, dtype=torch.bool, device=dev)), 1)
+    valid = torch.cat((valid, torch.zeros(B, L - T, dtype=torch.bool, device=dev)), 1)
     toks = torch.full((B, max_new), model.cfg.pad_id, dtype=torch.long, device=dev)
     lps = torch.zeros(B, max_new, device=dev)
     alive = torch.ones(B, dtype=torch.bool, device=dev)
+    step, rows = decode_step(compile_step), head_rows(model, allowed)
     for t in range(max_new):
-        lp = subset_logprobs(model, h, allowed, temperature)
+        lp = subset_logprobs(model, h, allowed, temperature, rows)
         j = pick(lp, temperature, top_k, generator)
         tok = torch.where(alive, allowed[j], model.cfg.pad_id)
         toks[:, t], lps[:, t], valid[:, T + t] = tok, lp.gather(-1, j[:, None])[:, 0] * alive, alive
         alive = alive & ~torch.isin(tok, stop)
         if t == max_new - 1 or not alive.any():  # a host sync per token; the decode is short
             break
-        h = model.hidden(tok[:, None], valid[:, :T + t + 1], pos=pos + t, cache=cache, start=T + t)[:, -1]
-    return toks, lps, valid[:, T:]
+        if compile_step:  # whole-cache mask and a tensor start: the same shapes at every position
+            h = step(model, tok[:, None], valid, pos + t, cache, torch.tensor(T + t, device=dev))
+        else:
+            h = step(model, tok[:, None], valid[:, :T + t + 1], pos + t, cache, T + t)
+    return toks, lps, valid[:, T:T + max_new]
 
 
 def pick(lp, temperature, top_k=0, generator=None):

@@ -1,0 +1,457 @@
+"""
+Speed and memory of nanosync's hot paths, each timed next to its slow twin in the same run.
+
+  OMP_NUM_THREADS=1 python bench.py                  # tiny preset (train.py's default model), CPU, ~3-4 min
+  OMP_NUM_THREADS=1 python bench.py --compile 0      # skip the torch.compile rows (~1 min less on a CPU)
+  python bench.py --preset showo --device cuda       # Show-o 1.3B shape, random weights, bf16 autocast + SDPA
+  OMP_NUM_THREADS=1 python bench.py --rl-step        # + one real train.py Sync-GRPO step: rollout/reward/update shares
+
+Throughput is measured on a rollout batch of --prompts x --group rows (train.py's default: 4 x 8);
+the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean the fast path wins:
+  decode_vs_naive            static KV cache vs recomputing the whole sequence per token
+  decode_vs_hf_generate      our eager decode vs transformers PhiForCausalLM.generate, same weights, greedy
+                             (the JSON also has ratio_compiled: with the compiled step, --compile 1)
+  decode_compiled_vs_eager   torch.compile'd single-token step vs the eager step (--compile 1)
+  cfg_batched_vs_two_pass    MaskGIT with cond+uncond rows in one forward vs two forwards per step
+  formulas_compiled_vs_eager train.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
+  logprob_chunked_time       chunked / full-logits log-prob + loss, forward + backward (< 1 is faster)
+  logprob_chunked_memory     peak memory of the same, chunked / full
+Every fast path is checked against its twin in the run (equal tokens/codes, log-probs within 1e-5).
+Peak memory: CUDA max_memory_allocated; CPU peak resident set (VmHWM, reset per section through
+/proc/self/clear_refs). On CUDA also MFU and memory-bandwidth utilisation against the peak table.
+Writes everything to --out as JSON.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+import data
+import dgs
+import model as M
+import train
+
+# dense bf16 FLOP/s and HBM bytes/s; the first name contained in torch.cuda.get_device_name() wins
+PEAKS = [("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12),
+         ("A100", 312e12, 2.0e12)]
+SHOWO = dict(vocab=58498, codebook=8192, layers=24, width=2048, heads=32, image_tokens=1024, steps=16)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="tiny", choices=["tiny", "showo"],
+      help="tiny = train.py's default model on the embedded world's vocabulary; showo = Show-o 1.3B shape (random weights, meant for CUDA)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if available)")
+    a("--group", type=int, default=8, help="G: rollouts per prompt, and the batch of every side-by-side comparison (rows)")
+    a("--prompts", type=int, default=0, help="prompts per rollout batch (0 = preset's: 4 tiny, as train.py; 1 showo)")
+    a("--prompt-len", type=int, default=64, help="tokens per random prompt (int)")
+    a("--new-tokens", type=int, default=64, help="text tokens decoded per row (int)")
+    a("--steps", type=int, default=0, help="MaskGIT steps T (0 = preset's: 8 tiny, 16 showo)")
+    a("--cfg", type=float, default=1.0, help="CFG weight w of image rollouts (> 0: cond and uncond rows)")
+    a("--update-steps", type=int, default=0, help="MaskGIT steps scored per update (0 = preset's: 2 tiny as train.py, 1 showo)")
+    a("--layers", type=int, default=0, help="override the preset's transformer blocks (0 = preset's)")
+    a("--width", type=int, default=0, help="override the preset's width (0 = preset's)")
+    a("--heads", type=int, default=0, help="override the preset's attention heads (0 = preset's)")
+    a("--image-tokens", type=int, default=0, help="override the preset's image tokens (0 = preset's: 64 tiny, 1024 showo)")
+    a("--lp-vocab", type=int, default=58498, help="log-prob comparison: vocabulary (ids)")
+    a("--lp-tokens", type=int, default=1024, help="log-prob comparison: scored tokens per row (int)")
+    a("--lp-batch", type=int, default=4, help="log-prob comparison: rows (int)")
+    a("--lp-width", type=int, default=0, help="log-prob comparison: hidden width (0 = 64 on CPU, 2048 on CUDA)")
+    a("--chunk", type=int, default=256, help="rows per log-prob chunk in the chunked path (int)")
+    a("--compile", type=int, default=1, choices=[0, 1], help="1 = also time the torch.compile'd decode step and loss formulas")
+    a("--rl-step", action="store_true", help="also run one train.py RL step on the tiny default and report time shares")
+    a("--rl-base", default=None, help="--rl-step: base checkpoint to load (default: random weights)")
+    a("--data-dir", default="out/world", help="--rl-step: embedded world folder (written there if missing)")
+    a("--reps", type=int, default=3, help="timed repeats after one warm-up; the median is reported (int)")
+    a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default / OMP_NUM_THREADS)")
+    a("--seed", type=int, default=0, help="seed of weights, prompts and sampling (int)")
+    a("--out", default="out/bench.json", help="JSON output path (folder created)")
+    args = p.parse_args(argv)
+    tiny = args.preset == "tiny"  # preset defaults where a flag is left at 0
+    args.prompts = args.prompts or (4 if tiny else 1)
+    args.steps = args.steps or (8 if tiny else SHOWO["steps"])
+    args.update_steps = args.update_steps or (2 if tiny else 1)
+    return args
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+def amp(dev):  # bf16 autocast on CUDA (SDPA picks the flash / memory-efficient kernels), fp32 on CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def proc_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_peak(dev):
+    """Start a memory section; returns the MB in use now (the baseline of a peak delta)."""
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets this process's peak RSS (VmHWM), so each section reads its own peak
+    return proc_kb("VmRSS") / 1024
+
+
+def peak_mb(dev):
+    sync(dev)
+    return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_kb("VmHWM") / 1024
+
+
+def timed(fn, dev, reps):
+    """(median seconds, warm-up seconds, last output): one warm-up call (compiles, fills caches), then reps."""
+    times = []
+    for _ in range(reps + 1):
+        sync(dev)
+        t = time.perf_counter()
+        with amp(dev):
+            out = fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:]), times[0], out
+
+
+def pair(fast, slow, dev, reps):
+    """Time a fast path and its slow twin: (fast s, slow s, fast warm-up s, fast output, slow output).
+    The outputs to check are fp32: on CPU the timed ones, on CUDA a rerun without autocast."""
+    (tf, wf, a), (ts, _, b) = timed(fast, dev, reps), timed(slow, dev, reps)
+    return (tf, ts, wf) + ((fast(), slow()) if dev.type == "cuda" else (a, b))
+
+
+def utilisation(dev, flops, nbytes, secs):
+    """MFU and bandwidth utilisation against the device's peaks (CUDA only)."""
+    peak = dev.type == "cuda" and next(((f, b) for n, f, b in PEAKS if n in torch.cuda.get_device_name(dev)), None)
+    if not peak:
+        return {}
+    return dict(mfu=flops / secs / peak[0], **({"bw_util": nbytes / secs / peak[1]} if nbytes else {}))
+
+
+def fwd_flops(model, tokens, ctx):
+    """~FLOPs of a forward over `tokens` positions attending to ~ctx keys: 2 per weight + attention."""
+    c = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()
+    return tokens * (2 * n + 4 * c.n_layer * c.n_embd * ctx)
+
+
+# ----------------------------------------------------------------------------- models and prompts
+
+def build(args, dev):
+    """(model, tokenizer, image tokens) for the preset; random weights, no training."""
+    torch.manual_seed(args.seed)
+    if args.preset == "tiny":
+        targs = train.get_args([])  # train.py's defaults (4 layers, width 128, 4 heads, MaskGIT) unless overridden
+        targs.n_layer, targs.n_embd, targs.n_head = args.layers or 4, args.width or 128, args.heads or 4
+        # as train.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
+        tok = data.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
+        return train.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or data.N_IMG
+    V, K = SHOWO["vocab"], SHOWO["codebook"]
+    off, d = V - K - 1, args.width or SHOWO["width"]  # Show-o: text ids, then 8192 codes, then <mask>
+    tok = SimpleNamespace(pad_id=0, bos_id=1, boi_id=3, eoi_id=4, bor_id=5, eor_id=6, mask_id=V - 1, image_offset=off,
+                          codebook_size=K, vocab_size=V, text_ids=lambda: torch.tensor([6, *range(8, off)]))
+    cfg = M.Config(vocab_size=V, n_layer=args.layers or SHOWO["layers"], n_head=args.heads or SHOWO["heads"], n_embd=d,
+                   n_inner=4 * d, image_offset=off, codebook_size=K, mask_id=V - 1, pad_id=0, boi_id=3, eoi_id=4)
+    return M.UnifiedModel(cfg).to(dev).eval(), tok, args.image_tokens or SHOWO["image_tokens"]
+
+
+def text_prompts(tok, n, length, g):
+    """[bos] random words [bor]: plain text ids only, so no image block opens in the prompt."""
+    words = tok.text_ids()[1:]  # [0] is <eor>
+    return [[tok.bos_id] + words[torch.randint(len(words), (length - 2,), generator=g)].tolist() + [tok.bor_id]
+            for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- the slow twins
+
+@torch.no_grad()
+def naive_decode(model, prompts, max_new, allowed, temperature=0.0, generator=None):
+    """M.sample_text without the cache: the whole sequence is recomputed for every new token.
+    Same heads and sampling (subset_logprobs, pick); no stop tokens."""
+    dev = model.lm_head.weight.device
+    ids, valid = M.pad_left(prompts, model.cfg.pad_id, dev)
+    allowed, toks, lps = allowed.to(dev), [], []
+    rows = M.head_rows(model, allowed)  # as sample_text: the head rows gathered once, not per token
+    for _ in range(max_new):
+        lp = M.subset_logprobs(model, model.hidden(ids, valid)[:, -1], allowed, temperature, rows)
+        j = M.pick(lp, temperature, generator=generator)
+        toks.append(allowed[j])
+        lps.append(lp.gather(-1, j[:, None])[:, 0])
+        ids, valid = torch.cat((ids, toks[-1][:, None]), 1), torch.cat((valid, torch.ones_like(valid[:, :1])), 1)
+    return torch.stack(toks, 1), torch.stack(lps, 1)
+
+
+@torch.no_grad()
+def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
+    """M.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched
+    forward. Padded together as the batched sampler pads them and the same heads and commit rule,
+    so the same generator gives the same codes: only the batching differs."""
+    c, dev = model.cfg, model.lm_head.weight.device
+    B, N = len(cond), n_tokens
+    ids, valid = M.pad_left(cond + uncond, c.pad_id, dev)
+    ones = torch.ones(B, N, dtype=torch.bool, device=dev)
+    codes = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    lps, step_of = torch.zeros(B, N, device=dev), codes.clone()
+    for s in range(steps):
+        x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
+        hc, hu = (model.hidden(torch.cat((ids[r], x), 1), torch.cat((valid[r], ones), 1))[:, -N:]
+                  for r in (slice(0, B), slice(B, 2 * B)))
+        lp = M.code_logprobs(model, hc, hu, cfg_w, temperature)
+        k = M.pick(lp, temperature, generator=generator)
+        klp = lp.gather(-1, k[..., None])[..., 0]
+        masked = codes < 0
+        n_commit = int(masked[0].sum()) - M.keep_masked(s, steps, N)
+        conf = klp.masked_fill(~masked, -float("inf"))
+        commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
+        codes, lps = torch.where(commit, k, codes), torch.where(commit, klp, lps)
+        step_of = torch.where(commit, s, step_of)
+    return dict(codes=codes, logprobs=lps, step_of=step_of)
+
+
+def full_vs_chunked_loss(head, h, tgt, adv, chunk):
+    """train.py's loss arithmetic on token_logprobs; chunk = 0 materialises all [rows, vocab] logits."""
+    lp, _ = M.token_logprobs(head, h, tgt, chunk=chunk)
+    obj, _ = train.ppo_clip(lp, lp.detach(), adv, 0.2, 0.2)
+    return train.segment_mean(obj, tgt >= 0)
+
+
+# ----------------------------------------------------------------------------- sections
+
+def bench_text(model, tok, args, dev, res):
+    g = torch.Generator().manual_seed(args.seed)
+    P, G, N, T, allowed = args.prompts, args.group, args.new_tokens, args.prompt_len, tok.text_ids()
+    rows = [p for p in text_prompts(tok, P, T, g) for _ in range(G)]
+    distinct = text_prompts(tok, G, T, g)  # the comparisons decode G different prompts
+    gen, base = torch.Generator(dev).manual_seed(args.seed), reset_peak(dev)
+    t, _, roll = timed(lambda: M.sample_text(model, rows, N, allowed, [], 1.0, generator=gen), dev, args.reps)
+    nbytes = N * (2 * sum(p.numel() for p in model.parameters()) + 8 * model.cfg.n_layer * len(rows) * model.cfg.n_embd * (T + N / 2))
+    res["text_rollout"] = dict(rows=len(rows), new_tokens=N, seconds=t, tokens_per_s=len(rows) * N / t,
+                               peak_mb=peak_mb(dev), baseline_mb=base,
+                               **utilisation(dev, fwd_flops(model, len(rows) * (T + N), T + N / 2), nbytes, t))
+    # one group, greedy: cached vs naive (and compiled) must agree token for token
+    fast = lambda: M.sample_text(model, distinct, N, allowed, [], 0.0)
+    slow = lambda: naive_decode(model, distinct, N, allowed, 0.0)
+    t_fast, t_slow, _, a, b = pair(fast, slow, dev, args.reps)
+    res["decode_vs_naive"] = dict(cached_s=t_fast, naive_s=t_slow, ratio=t_slow / t_fast, tokens_equal=torch.equal(a[0], b[0]),
+                                  max_lp_diff=(a[1] - b[1]).abs().max().item())
+    if args.compile:
+        comp = lambda: M.sample_text(model, distinct, N, allowed, [], 0.0, compile_step=True)
+        t_c, t_first, c = timed(comp, dev, args.reps)
+        c = comp() if dev.type == "cuda" else c  # check in fp32
+        res["decode_compiled_vs_eager"] = dict(compiled_s=t_c, eager_s=t_fast, ratio=t_fast / t_c, compile_s=t_first - t_c,
+                                               tokens_equal=torch.equal(a[0], c[0]), max_lp_diff=(a[1] - c[1]).abs().max().item())
+    return dict(prompts=rows, toks=roll[0], lp=roll[1], mask=roll[2])
+
+
+def bench_hf(c, args, dev, res):
+    """Our decode vs PhiForCausalLM.generate on identical weights: a pure-text model of the preset's shape."""
+    from transformers import PhiConfig, PhiForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    torch.manual_seed(args.seed)
+    hf = PhiForCausalLM(PhiConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner,
+                                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, partial_rotary_factor=c.rotary_frac,
+                                  max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = M.from_pretrained(tmp).to(dev).eval()
+    hf = hf.to(dev)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1, c.vocab_size, (args.group, args.prompt_len), generator=g)  # equal lengths: no padding
+    N, allowed = args.new_tokens, torch.arange(c.vocab_size)
+    ours_fn = lambda: M.sample_text(ours, ids.tolist(), N, allowed, [], 0.0)
+    hf_fn = lambda: hf.generate(ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), max_new_tokens=N,
+                                do_sample=False, use_cache=True, pad_token_id=0)[:, ids.shape[1]:]
+    t_ours, t_hf, _, a, b = pair(ours_fn, hf_fn, dev, args.reps)
+    a, b = a[0], b.to(a[0].device)
+    res["decode_vs_hf_generate"] = r = dict(ours_s=t_ours, hf_s=t_hf, ratio=t_hf / t_ours, tokens_equal=torch.equal(a, b),
+                                            token_match=(a == b).float().mean().item())
+    if args.compile:  # the compiled step too (its graph was built for these shapes in bench_text)
+        comp = lambda: M.sample_text(ours, ids.tolist(), N, allowed, [], 0.0, compile_step=True)
+        t_c, _, c = timed(comp, dev, args.reps)
+        r.update(ours_compiled_s=t_c, ratio_compiled=t_hf / t_c, compiled_tokens_equal=torch.equal(a, (comp() if dev.type == "cuda" else c)[0]))
+
+
+def bench_images(model, tok, n_img, args, dev, res):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    cond = [p[:-1] + [tok.eor_id, tok.boi_id] for p in text_prompts(tok, args.prompts, args.prompt_len, g)]
+    rows = [p for p in cond for _ in range(args.group)]
+    unc = [data.uncond_prompt(tok)] * len(rows)
+    gen, base = torch.Generator(dev).manual_seed(args.seed), reset_peak(dev)
+    t, _, st = timed(lambda: M.sample_maskgit(model, rows, unc, n_img, args.steps, args.cfg, 1.0, gen), dev, args.reps)
+    seq = args.prompt_len + 1 + n_img
+    res["image_rollout"] = dict(rows=len(rows), steps=args.steps, cfg=args.cfg, seconds=t, rollouts_per_s=len(rows) / t,
+                                peak_mb=peak_mb(dev), baseline_mb=base,
+                                **utilisation(dev, fwd_flops(model, 2 * len(rows) * seq * args.steps, seq), 0, t))
+    G, w = args.group, args.cfg or 1.0  # the comparison needs the uncond rows: CFG on
+    seeded = lambda f: lambda: f(model, rows[:G], unc[:G], n_img, args.steps, w, 1.0, torch.Generator(dev).manual_seed(7))
+    t_b, t_2, _, a, b = pair(seeded(M.sample_maskgit), seeded(maskgit_two_pass), dev, args.reps)
+    res["cfg_batched_vs_two_pass"] = dict(batched_s=t_b, two_pass_s=t_2, ratio=t_2 / t_b, codes_equal=torch.equal(a["codes"], b["codes"]),
+                                          max_lp_diff=(a["logprobs"] - b["logprobs"]).abs().max().item())
+    return dict(cond=rows, state=st)
+
+
+def bench_update(model, tok, n_img, args, dev, text, img, res):
+    """train.rl_update (mu = 1, no KL reference) on the rollout batch above: score forward, loss,
+    backward, grad clip. SGD(lr=0) steps, so AdamW's state is not what is measured."""
+    targs = train.get_args(["--no-compile", "--mu", "1", "--beta", "0", "--group", str(args.group), "--rollouts",
+                            str(args.prompts * args.group), "--steps", str(args.steps), "--update-steps", str(args.update_steps),
+                            "--rl-cfg", str(args.cfg)])
+    P, G = args.prompts, args.group
+    batch = dict(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],
+                 img=img["state"], r_text=torch.rand(P, G), r_img=torch.rand(P, G))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    base = reset_peak(dev)
+    t, _, stats = timed(lambda: train.rl_update(model, model, None, tok, batch, opt, sched, targs, train.FORMULAS, 0), dev, args.reps)
+    model.eval()
+    seq, k = args.prompt_len + 1 + n_img, args.update_steps
+    tokens = P * G * (args.prompt_len + args.new_tokens + 2 * k * seq)
+    res["update"] = dict(rollouts=P * G, ms=1e3 * t, peak_mb=peak_mb(dev), baseline_mb=base,
+                         ratio_dev_first=max(stats.get("text_ratio_dev_first", 0), stats.get("image_ratio_dev_first", 0)),
+                         **utilisation(dev, 3 * fwd_flops(model, tokens, seq), 0, t))
+
+
+def bench_logprob(args, dev, res):
+    """Chunked vs full-logits log-prob + loss, forward + backward, on a head of --lp-vocab ids."""
+    V, d = args.lp_vocab, args.lp_width or (2048 if dev.type == "cuda" else 64)
+    torch.manual_seed(args.seed)
+    head = M.UnifiedModel(M.Config(vocab_size=V, n_layer=0, n_head=1, n_embd=d, n_inner=d)).to(dev)
+    h0 = torch.randn(args.lp_batch, args.lp_tokens, d, device=dev)
+    tgt = torch.randint(V, (args.lp_batch, args.lp_tokens), device=dev)
+    adv = torch.randn(args.lp_batch, 1, device=dev)
+    out = {}
+    for name, chunk in (("chunked", args.chunk), ("full", 0)):  # chunked first: a fresh heap for it
+        def step():
+            head.zero_grad(set_to_none=True)
+            h = h0.clone().requires_grad_()
+            loss = full_vs_chunked_loss(head, h, tgt, adv, chunk)
+            loss.backward()
+            return loss.detach().float(), h.grad.float()
+        base = reset_peak(dev)
+        t, _, o = timed(step, dev, args.reps)
+        out[name] = dict(seconds=t, peak_delta_mb=peak_mb(dev) - base, result=o if dev.type != "cuda" else step())
+    a, b = out["chunked"].pop("result"), out["full"].pop("result")
+    res["logprob"] = dict(vocab=V, tokens=args.lp_tokens, batch=args.lp_batch, width=d, chunk=args.chunk, **out,
+                          time_ratio=out["chunked"]["seconds"] / out["full"]["seconds"],
+                          memory_ratio=out["chunked"]["peak_delta_mb"] / max(out["full"]["peak_delta_mb"], 1e-9),
+                          max_loss_diff=(a[0] - b[0]).abs().item(), max_grad_diff=(a[1] - b[1]).abs().max().item())
+
+
+def bench_formulas(n_img, args, dev, res):
+    """train.compiled vs train.FORMULAS on one RL batch's shapes: advantages, clip, k3, segment mean, backward."""
+    g = torch.Generator().manual_seed(args.seed)
+    P, G = args.prompts, args.group
+    R, mask = torch.rand(P, G, generator=g).to(dev), (torch.rand(P * G, n_img, generator=g) > 0.2).to(dev)
+    lp0 = (-2 + 0.1 * torch.randn(P * G, n_img, generator=g)).to(dev)
+    old, ref = lp0 + 0.01 * torch.randn_like(lp0), lp0 + 0.05 * torch.randn_like(lp0)
+
+    def run(F):
+        lp = lp0.clone().requires_grad_()
+        A = F["advantages"](R, "std").flatten()[:, None]
+        obj, _ = F["ppo_clip"](lp, old, A, 0.2, 0.28)
+        loss = F["segment_mean"](obj + 0.01 * F["k3_kl"](lp, ref), mask)
+        loss.backward()
+        return loss.detach(), lp.grad
+    comp = train.compiled(argparse.Namespace(compile=True))
+    t_e, _, a = timed(lambda: run(train.FORMULAS), dev, max(args.reps, 5))
+    t_c, t_first, b = timed(lambda: run(comp), dev, max(args.reps, 5))
+    res["formulas_compiled_vs_eager"] = dict(eager_ms=1e3 * t_e, compiled_ms=1e3 * t_c, ratio=t_e / t_c, compile_s=t_first - t_c,
+                                             max_diff=max((a[0] - b[0]).abs().item(), (a[1] - b[1]).abs().max().item()))
+
+
+def bench_rl_step(args, res):
+    """One train.py Sync-GRPO step on the tiny default (CPU): collect (rollouts + rewards) and rl_update."""
+    targs = train.get_args(["--data-dir", args.data_dir, "--no-compile"])  # compile time is not a step's time
+    world, tok = train.world_and_tokenizer(targs)
+    policy = train.load_checkpoint(args.rl_base)[0] if args.rl_base else train.new_model(targs, tok)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    opt, sched = train.make_optimizer(policy, argparse.Namespace(**{**vars(targs), "lr": targs.rl_lr, "warmup": targs.rl_warmup}),
+                                      targs.rl_iters * targs.mu)
+    batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
+    t = time.perf_counter()
+    train.rl_update(policy, policy, ref, tok, batch, opt, sched, targs, train.FORMULAS, 0)
+    row["t_update"] = time.perf_counter() - t
+    total = row["t_rollout"] + row["t_reward"] + row["t_update"]
+    res["rl_step"] = dict(weights=args.rl_base or "random", seconds=total, dgs_attempts_per_rollout=row.get("dgs_attempts_per_rollout"),
+                          **{k.replace("t_", "") + "_share": row[k] / total for k in ("t_rollout", "t_reward", "t_update")})
+
+
+# ----------------------------------------------------------------------------- main
+
+TARGETS = {"decode_vs_naive": (">=", 3.0), "decode_vs_hf_generate": (">=", 1.5), "cfg_batched_vs_two_pass": (">=", 1.5),
+           "logprob_chunked_memory": ("<=", 0.35), "logprob_chunked_time": ("<=", 1.2),
+           "decode_compiled_vs_eager": (">=", 1.0), "formulas_compiled_vs_eager": (">=", 1.0)}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    res = dict(args=vars(args), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               threads=torch.get_num_threads())
+    model, tok, n_img = build(args, dev)
+    res["model"] = dict(n_layer=model.cfg.n_layer, n_embd=model.cfg.n_embd, n_head=model.cfg.n_head, vocab=model.cfg.vocab_size,
+                        image_tokens=n_img, params=sum(p.numel() for p in model.parameters()))
+    text = bench_text(model, tok, args, dev, res)
+    img = bench_images(model, tok, n_img, args, dev, res)
+    bench_update(model, tok, n_img, args, dev, text, img, res)
+    cfg = model.cfg
+    del model, text, img
+    bench_hf(cfg, args, dev, res)  # the preset's shape with a pure-text vocabulary, fresh HF weights
+    bench_logprob(args, dev, res)
+    if args.compile:
+        bench_formulas(n_img, args, dev, res)
+    if args.rl_step:
+        bench_rl_step(args, res)
+    res["logprob_chunked_time"], res["logprob_chunked_memory"] = ({"ratio": res["logprob"][k]} for k in ("time_ratio", "memory_ratio"))
+    res["ratios"] = {k: res[k]["ratio"] if k in res else None for k in TARGETS}
+    res["targets"] = {k: dict(target=f"{op} {v}", met=None if r is None else (r >= v if op == ">=" else r <= v))
+                      for (k, (op, v)), r in zip(TARGETS.items(), res["ratios"].values())}
+    report(res)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+    return res
+
+
+def report(res):
+    m, tr, ir, up, lp = res["model"], res["text_rollout"], res["image_rollout"], res["update"], res["logprob"]
+    print(f"{res['device']}, {res['threads']} threads; model {m['n_layer']}x{m['n_embd']}, vocab {m['vocab']}, {m['params'] / 1e6:.1f}M params")
+    print(f"text rollouts  {tr['tokens_per_s']:9.1f} tokens/s   ({tr['rows']} rows x {tr['new_tokens']} tokens, peak {tr['peak_mb']:.0f} MB)")
+    print(f"image rollouts {ir['rollouts_per_s']:9.2f} rollouts/s ({ir['rows']} rows, T={ir['steps']}, cfg {ir['cfg']}, peak {ir['peak_mb']:.0f} MB)")
+    print(f"update         {up['ms']:9.1f} ms/batch   ({up['rollouts']} rollouts, peak {up['peak_mb']:.0f} MB)")
+    for k in ("text_rollout", "image_rollout", "update"):
+        if "mfu" in res[k]:
+            print(f"  {k}: MFU {res[k]['mfu']:.3f}" + (f", bandwidth {res[k]['bw_util']:.3f}" if "bw_util" in res[k] else ""))
+    print(f"log-prob+loss  chunked {lp['chunked']['seconds']:.3f} s / {lp['chunked']['peak_delta_mb']:.0f} MB, full {lp['full']['seconds']:.3f} s"
+          f" / {lp['full']['peak_delta_mb']:.0f} MB (V={lp['vocab']}, {lp['batch']}x{lp['tokens']}, d={lp['width']})")
+    for (k, t), r in zip(res["targets"].items(), res["ratios"].values()):
+        same = {c: res[k][c] for c in ("tokens_equal", "codes_equal", "ratio_compiled") if c in res.get(k, {})}
+        print(f"{k:27s}", "skipped" if r is None else f"{r:7.3f}  (target {t['target']}: {'met' if t['met'] else 'NOT met'})",
+              *(f"{c}={v:.3f}" if isinstance(v, float) else f"{c}={v}" for c, v in same.items()))
+    if "rl_step" in res:
+        s = res["rl_step"]
+        print(f"rl step ({s['weights']} weights) {s['seconds']:.1f} s: rollout {s['rollout_share']:.2f},"
+              f" reward {s['reward_share']:.2f}, update {s['update_share']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

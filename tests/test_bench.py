@@ -1,0 +1,98 @@
+"""bench.py's fast paths equal their slow twins, and the benchmark runs end to end (nothing is timed here)."""
+import json
+import os
+
+import pytest
+import torch
+
+import bench
+import model as M
+
+SMALL = ["--device", "cpu", "--layers", "2", "--width", "32", "--heads", "2"]
+
+
+def tiny():
+    """A small model on the embedded world's vocabulary, weights spread so greedy choices have no near ties."""
+    m, tok, n_img = bench.build(bench.get_args(SMALL), torch.device("cpu"))
+    for p in m.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return m, tok, n_img
+
+
+def prompts(tok, n, length=7, seed=0):
+    return bench.text_prompts(tok, n, length, torch.Generator().manual_seed(seed))
+
+
+def test_cached_decode_equals_naive_decode():
+    m, tok, _ = tiny()
+    ps = prompts(tok, 3) + prompts(tok, 1, length=4, seed=1)  # unequal lengths: left padding too
+    toks, lps, valid = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
+    ref, ref_lp = bench.naive_decode(m, ps, 10, tok.text_ids())
+    assert valid.all() and torch.equal(toks, ref)
+    assert torch.allclose(lps, ref_lp, atol=1e-5)
+
+
+def test_sampled_decode_equals_naive_decode_for_one_generator():
+    m, tok, _ = tiny()
+    ps = prompts(tok, 4)
+    a = M.sample_text(m, ps, 8, tok.text_ids(), [], temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = bench.naive_decode(m, ps, 8, tok.text_ids(), 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("NANOSYNC_TEST_COMPILE") != "1",
+                    reason="torch.compile of the decode step builds C++ with inductor: ~20 s on one CPU core, more "
+                           "than this file's budget; `python bench.py` checks it (decode_compiled_vs_eager), or set "
+                           "NANOSYNC_TEST_COMPILE=1")
+def test_compiled_decode_step_equals_eager():
+    m, tok, _ = tiny()
+    ps = prompts(tok, 3)
+    a = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
+    b = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0, compile_step=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert torch.allclose(a[1], b[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_w", [1.0, 3.0])
+def test_batched_cfg_maskgit_equals_two_passes(cfg_w):
+    m, tok, n_img = tiny()
+    cond = [p + [tok.boi_id] for p in prompts(tok, 3)] + [p + [tok.boi_id] for p in prompts(tok, 1, 4, seed=2)]
+    unc = [[tok.bos_id, tok.boi_id]] * 4
+    a = M.sample_maskgit(m, cond, unc, n_img, 5, cfg_w, 1.0, torch.Generator().manual_seed(3))
+    b = bench.maskgit_two_pass(m, cond, unc, n_img, 5, cfg_w, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["step_of"], b["step_of"])
+    assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+
+
+def test_chunked_logprob_loss_equals_full_with_gradients():
+    torch.manual_seed(0)
+    head = M.UnifiedModel(M.Config(vocab_size=300, n_layer=0, n_head=1, n_embd=16, n_inner=16))
+    h0, tgt, adv = torch.randn(3, 20, 16), torch.randint(300, (3, 20)), torch.randn(3, 1)
+    tgt[0, :5] = -1  # ignored places
+    out = []
+    for chunk in (0, 7):
+        head.zero_grad()
+        h = h0.clone().requires_grad_()
+        loss = bench.full_vs_chunked_loss(head, h, tgt, adv, chunk)
+        loss.backward()
+        out.append((loss.detach(), h.grad, head.lm_head.weight.grad.clone(), head.lm_head.bias.grad.clone()))
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert out[0][1].abs().sum() > 0
+
+
+def test_bench_runs_end_to_end_and_writes_every_ratio(tmp_path):
+    path = tmp_path / "sub" / "bench.json"
+    bench.main(SMALL + ["--group", "2", "--prompts", "2", "--new-tokens", "4", "--prompt-len", "6", "--steps", "2",
+                        "--lp-vocab", "500", "--lp-tokens", "16", "--lp-batch", "2", "--lp-width", "8", "--chunk", "8",
+                        "--reps", "1", "--compile", "0", "--out", str(path)])
+    res = json.loads(path.read_text())
+    assert set(res["ratios"]) == set(bench.TARGETS) and set(res["targets"]) == set(bench.TARGETS)
+    for k, v in res["ratios"].items():
+        assert (v is None) == (k in ("decode_compiled_vs_eager", "formulas_compiled_vs_eager")), k  # --compile 0
+    assert res["decode_vs_naive"]["tokens_equal"] and res["decode_vs_hf_generate"]["tokens_equal"]
+    assert res["cfg_batched_vs_two_pass"]["codes_equal"]
+    assert res["logprob"]["max_grad_diff"] < 1e-5
+    for k in ("text_rollout", "image_rollout"):
+        assert res[k]["peak_mb"] > 0
+    assert res["text_rollout"]["tokens_per_s"] > 0 and res["image_rollout"]["rollouts_per_s"] > 0 and res["update"]["ms"] > 0
