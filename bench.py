@@ -195,31 +195,9 @@ def naive_decode(model, prompts, max_new, allowed, temperature=0.0, generator=No
     return torch.stack(toks, 1), torch.stack(lps, 1)
 
 
-@torch.no_grad()
 def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
-    """M.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched
-    forward. Padded together as the batched sampler pads them and the same heads and commit rule,
-    so the same generator gives the same codes: only the batching differs."""
-    c, dev = model.cfg, model.lm_head.weight.device
-    B, N = len(cond), n_tokens
-    ids, valid = M.pad_left(cond + uncond, c.pad_id, dev)
-    ones = torch.ones(B, N, dtype=torch.bool, device=dev)
-    codes = torch.full((B, N), -1, dtype=torch.long, device=dev)
-    lps, step_of = torch.zeros(B, N, device=dev), codes.clone()
-    for s in range(steps):
-        x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
-        hc, hu = (model.hidden(torch.cat((ids[r], x), 1), torch.cat((valid[r], ones), 1))[:, -N:]
-                  for r in (slice(0, B), slice(B, 2 * B)))
-        lp = M.code_logprobs(model, hc, hu, cfg_w, temperature)
-        k = M.pick(lp, temperature, generator=generator)
-        klp = lp.gather(-1, k[..., None])[..., 0]
-        masked = codes < 0
-        n_commit = int(masked[0].sum()) - M.keep_masked(s, steps, N)
-        conf = klp.masked_fill(~masked, -float("inf"))
-        commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
-        codes, lps = torch.where(commit, k, codes), torch.where(commit, klp, lps)
-        step_of = torch.where(commit, s, step_of)
-    return dict(codes=codes, logprobs=lps, step_of=step_of)
+    """M.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched one."""
+    return M.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, two_pass=True)
 
 
 def full_vs_chunked_loss(head, h, tgt, adv, chunk):

@@ -404,7 +404,7 @@ def cfg_prompts(cond, uncond, cfg_w):
 
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
-                   state=None, stop=None):
+                   state=None, stop=None, two_pass=False):
     """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
     (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
     prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
@@ -420,7 +420,11 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
     for s in range(state["step"], steps if stop is None else min(stop, steps)):
         x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
-        h = model.hidden(torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))[:, -N:]
+        inp, v = torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1)
+        if two_pass:  # the slow twin bench.py times: cond and uncond rows in separate forwards
+            h = torch.cat([model.hidden(inp[r], v[r])[:, -N:] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
+        else:
+            h = model.hidden(inp, v)[:, -N:]
         lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
         k = pick(lp, temperature, generator=generator)
         klp = lp.gather(-1, k[..., None])[..., 0]
