@@ -237,8 +237,8 @@ def claims(res):
     if need("joint", "base"):
         d, _, _ = wins(runs, "joint", "base", UND + GEN)
         ok = any(d[m] > 0 for m in UND) and any(d[m] > 0 for m in GEN)
-        out.append(f"1. RL improves understanding and generation (joint - base): {fmt(d)}. Rule: > 0 on >= 1 "
-                   f"understanding and >= 1 generation metric. Reproduces: {'yes' if ok else 'no'}.")
+        out.append(f"1. RL improves understanding and generation (joint - base): {fmt(d)}. Rule: > 0 on >= 1 understanding "
+                   f"metric ({', '.join(UND)}) and >= 1 generation metric ({', '.join(GEN)}; eval.py's grouping). Reproduces: {'yes' if ok else 'no'}.")
     if need("joint", "gen-only", "und-only"):
         dg, wg, lg = wins(runs, "joint", "gen-only", GEN)
         du, wu, lu = wins(runs, "joint", "und-only", UND)
