@@ -1,7 +1,7 @@
 """
 Sync-R1's four claims in miniature: every ablation x seed through train.py, one run at a time.
 
-  python ablate.py                      # full suite: ~52 min on the 2-core CPU (run lengths below)
+  python ablate.py                      # full suite: ~50 min on the 2-core CPU (run lengths below)
   python ablate.py --quick              # smoke check: 1 seed, small world, short runs (< 10 min)
   python ablate.py --table-only         # table.md, claims.md and plots again from <out-dir>/results.json
   python ablate.py --quick -- --lr 3e-3 # everything after `--` goes to every train.py call
@@ -18,12 +18,12 @@ Variants (each RL run starts from the base of its image mode):
   ar               joint, from a base pretrained with --image-mode ar
 
 Full-suite run lengths (defaults): one shared base per image mode (--shared-base 1, pretrained with the
-first seed for 700 iters), then 8 RL variants x 3 seeds of 8 steps x 32 accepted rollouts (G 8); train.py
+first seed for 700 iters), then 8 RL variants x 3 seeds of 10 steps x 32 accepted rollouts (G 8); train.py
 runs with --no-compile (same numbers; saves ~15 s of compiling per run). Estimate on the 2-core CPU:
-bases ~11 min (700 iters ~4.5 min + evaluation, AR ~20% slower); per RL run ~45 s of start-up and two
-held-out evaluations (~20 s each) = 18 min for 24 runs; one step of all 8 variants ~57 s (joint 9, gen-only
-7.5, und-only 1, dgs-off 6.5, no-text 9.5, no-cycle 9.5, no-cfg 5, ar 8.5), x 3 seeds x 8 steps = 23 min.
-Total ~52 min. With --shared-base 0 every seed pretrains its own two bases (+ ~22 min), so the seeds also
+bases ~11 min (700 iters ~4.5 min + evaluation, AR ~20% slower); per RL run ~25 s of start-up and one
+held-out evaluation (~20 s; the base's is not repeated) = 10 min for 24 runs; one step of all 8 variants ~57 s (joint 9, gen-only
+7.5, und-only 1, dgs-off 6.5, no-text 9.5, no-cycle 9.5, no-cfg 5, ar 8.5), x 3 seeds x 10 steps = 29 min.
+Total ~50 min. With --shared-base 0 every seed pretrains its own two bases (+ ~22 min), so the seeds also
 vary the base; with the shared base they vary only RL, and the base rows have std 0.
 --quick: 1 seed, a 40 + 6 concept world, bases of 100 iters, 3 RL steps x 16 rollouts, in out/ablate-quick
 (7.5 min measured on the 2-core CPU while another training job ran).
@@ -59,7 +59,7 @@ VARIANTS = {  # name: (image mode of its base, train.py flags; None = the base i
 }
 LEVEL_REF = {"dgs-off": "joint"}
 UND, GEN = ["recognition", "vqa", "textqa"], ["identity", "alignment", "knowledge", "reasoning"]
-FULL = dict(seeds="0,1,2", iters=700, rl_iters=8, rollouts=32, group=8, world=[])
+FULL = dict(seeds="0,1,2", iters=700, rl_iters=10, rollouts=32, group=8, world=[])
 QUICK = dict(seeds="0", iters=100, rl_iters=3, rollouts=16, group=8,
              world=["--n-train-concepts", "40", "--n-test-concepts", "6"])
 
@@ -76,7 +76,7 @@ def get_args(argv=None):
     a("--seeds", default=None, help="comma-separated integer seeds (default 0,1,2; --quick: 0)")
     a("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     a("--iters", type=int, default=None, help="pretraining optimizer steps per base (int; default 700, --quick 100)")
-    a("--rl-iters", type=int, default=None, help="RL steps per run (int; default 8, --quick 3)")
+    a("--rl-iters", type=int, default=None, help="RL steps per run (int; default 10, --quick 3)")
     a("--rollouts", type=int, default=None, help="accepted rollouts per RL step (int; default 32, --quick 16)")
     a("--group", type=int, default=None, help="G, rollouts per prompt (int; default 8)")
     a("--shared-base", type=int, default=1, choices=[0, 1],
@@ -138,7 +138,8 @@ def run_base(args, mode, seed):
     if not os.path.isfile(os.path.join(d, "pretrain", "eval.json")):
         print(f"pretrain {mode} base (seed {seed}) -> {d}", flush=True)
         train(["--stage", "pretrain", "--image-mode", mode, "--seed", str(seed), "--iters", str(args.iters),
-               "--data-dir", args.data_dir, "--out-dir", d] + args.extra, d, os.path.join(d, "log.txt"))
+               "--data-dir", args.data_dir, "--out-dir", d,
+               "--eval-base", "0"]  # the base row already has the base's held-out metrics + args.extra, d, os.path.join(d, "log.txt"))
     return dict(eval=read_json(os.path.join(d, "pretrain", "eval.json")), wall_s=read_json(os.path.join(d, "wall.json"), "wall_s"),
                 base=d, reward=[], step_s=[], sampled=[])
 
@@ -160,7 +161,8 @@ def run_rl(args, name, seed):
     if not os.path.isfile(os.path.join(rl, "eval.json")):
         print(f"{name} seed {seed} -> {d}", flush=True)
         cmd = ["--base", os.path.join(base, "pretrain"), "--seed", str(seed), "--rl-iters", str(args.rl_iters),
-               "--rollouts", str(args.rollouts), "--group", str(args.group), "--data-dir", args.data_dir, "--out-dir", d]
+               "--rollouts", str(args.rollouts), "--group", str(args.group), "--data-dir", args.data_dir, "--out-dir", d,
+               "--eval-base", "0"]  # the base row already has the base's held-out metrics
         train(cmd + ([] if args.compile else ["--no-compile"]) + flags + args.extra, d, os.path.join(d, "log.txt"))
     rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
     with open(os.path.join(rl, "latest")) as f:

@@ -93,6 +93,7 @@ def get_args(argv=None):
     a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
     a("--dgs-target", type=float, default=0.25, help="target acceptance rate of previews")
     a("--drop-zero-var", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are all equal")
+    a("--eval-base", type=int, default=1, choices=[0, 1], help="RL: evaluate the base before training (1) or skip it (0)")
     a("--sample-every", type=int, default=20, help="RL steps between PNG grids of rollouts (int)")
     for name, w in rewards.DEFAULT_WEIGHTS.items():
         a(f"--w-{name.replace('_', '-')}", type=float, default=w, help=f"ensemble weight of the {name} reward (0 = off)")
@@ -629,7 +630,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
         set_rng_state(state["rng"])
         before = state["before"]
-    if rank == 0 and before is None:
+    if rank == 0 and before is None and args.eval_base:
         before = E.evaluate(policy, tok, held_out, args)
     model = DDP(policy) if world_size > 1 else policy
     F = compiled(args)
@@ -658,9 +659,9 @@ def rl(args, rank=0, world_size=1, device="cpu"):
                                  rng=rng_state(), step=step, before=before), args.keep)
     bar.close()
     if rank == 0 and step == args.rl_iters:
-        after = E.evaluate(policy, tok, held_out, args)
-        print(E.table({"base": before, "sync-grpo": after}))
-        atomic_write(os.path.join(run_dir, "eval.json"), json.dumps({"base": before, "sync-grpo": after}, indent=1).encode())
+        cols = ({"base": before} if before else {}) | {"sync-grpo": E.evaluate(policy, tok, held_out, args)}
+        print(E.table(cols))
+        atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(cols, indent=1).encode())
     return policy
 
 
