@@ -38,6 +38,7 @@ MIXES = {"both": ["vqa", "kgen", "gen"], "u": ["vqa"], "r": ["kgen", "gen"],
 
 PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
                          dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
+                         bf16=True, grad_ckpt=True,  # with these a 1.3B step fits one 80 GB GPU
                          # the released mix R = 0.65 (0.4 CLIP-I + 0.6 judge) + 0.35 BLEU; every other reward off
                          **{f"w_{k}": 0.0 for k in rewards.DEFAULT_WEIGHTS} | dict(w_text_bleu=0.35, w_clip_i=0.26, w_judge=0.39))}
 
@@ -142,8 +143,10 @@ def get_args(argv=None):
     a("--concept-init", default="class", choices=["class", "image"],
       help="new rows start at the class word's rows, or (concept tokens) at the mean row of the reference images' codes")
     a("--concept-rows-only", action="store_true", help="train only the concept tokens' embedding and lm_head rows")
-    a("--bf16", action="store_true", help="bf16 autocast for rollouts and updates (weights and optimizer state stay fp32)")
-    a("--grad-ckpt", action="store_true", help="gradient checkpointing: recompute each block's activations in backward")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=False,
+      help="bf16 autocast for rollouts and updates (weights and optimizer state stay fp32); on in --preset showo")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
+      help="gradient checkpointing: recompute each block's activations in backward; on in --preset showo")
     args = p.parse_args(argv)
     apply_preset(p, args, argv)
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
@@ -624,6 +627,8 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
             loss = loss + getattr(args, f"w_{key}_loss") * F["segment_mean"](obj + args.beta * kl, mask)
             with torch.no_grad():
                 r = ratio[mask]
+                if not r.numel():  # the sampled MaskGIT steps committed no token (few image tokens, many steps)
+                    continue
                 s = {f"{key}_ratio_mean": r.mean(), f"{key}_ratio_min": r.min(), f"{key}_ratio_max": r.max(),
                      f"{key}_clip_frac": ((r < 1 - args.eps) | (r > 1 + (args.eps_high or args.eps))).float().mean(),
                      f"{key}_kl": kl[mask].mean(), f"{key}_entropy": ent[mask].mean(),

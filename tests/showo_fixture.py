@@ -96,18 +96,20 @@ def phi_config(vocab, shape="tiny"):
 
 
 def write_showo(path, phi_dir, sc, fmt="safetensors", shape="tiny", seed=0):
-    """A random PhiForCausalLM at the joint vocabulary, saved as Show-o does: keys under `showo.`;
-    the Phi config goes to phi_dir (Show-o's own config.json has no architecture). Returns the HF model."""
+    """A random PhiForCausalLM built as Show-o builds it (text vocabulary, then embeddings resized to the
+    joint one) and saved as Show-o does: keys under `showo.`. The Phi config, text vocabulary only as in
+    a Phi folder, goes to phi_dir (Show-o's own config.json has no architecture). Returns the HF model."""
     from safetensors.torch import save_file
     from transformers import PhiForCausalLM
     torch.manual_seed(seed)
-    cfg = phi_config(sc["vocab_size"], shape)
+    cfg = phi_config(sc["llm_vocab_size"], shape)
+    cfg.save_pretrained(phi_dir)
     hf = PhiForCausalLM(cfg).eval()
+    hf.resize_token_embeddings(sc["vocab_size"])
     if shape == "tiny":
         for p in hf.parameters():  # non-trivial norms and biases, so parity can fail
             p.data.normal_(0, 0.1)
     os.makedirs(path, exist_ok=True)
-    cfg.save_pretrained(phi_dir)
     dump(Path(path, "config.json"), sc)
     sd = {"showo." + k: v.detach().contiguous() for k, v in hf.state_dict().items()}
     if fmt == "bin":

@@ -246,13 +246,14 @@ def test_preset_sets_only_flags_not_given(folders):
     args = T.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
     assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
+    assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = T.get_args([])
-    assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i) == (8, 8, 1e-4, 0.26, 0.0)
+    assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
 
 
 def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark",
-                               "--w-clip-t", "0.1", "--w-dino", "0.1"] + TINY_RL
+                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     policy = T.main(argv)
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -267,8 +268,8 @@ def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders):
 
 
 def test_concept_rows_only_leaves_every_other_weight(tmp_path, folders):
-    argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--concept-rows-only", "--bf16",
-                               "--grad-ckpt", "--rl-lr", "1e-2", "--concept-init", "image"] + TINY_RL
+    argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--concept-rows-only",  # preset: bf16, grad-ckpt
+                               "--rl-lr", "1e-2", "--concept-init", "image"] + TINY_RL
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     after = T.main(argv).state_dict()
     V = base["embed_tokens.weight"].shape[0]
