@@ -67,7 +67,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--stage", default="rl", choices=["rl", "pretrain", "eval"],
       help="rl = Sync-GRPO from --base (pretraining it first on the embedded world if missing)")
-    a("--data-dir", default="out/world", help="UnifyBench-layout folder; the embedded world is written here if empty")
+    a("--data-dir", default="out/world", help="UnifyBench-layout folder; the embedded world is written here if empty "
+      "(with --showo-dir: a real UnifyBench folder, only read)")
     a("--world-seed", type=int, default=1234, help="seed of the embedded world (int)")
     a("--n-train-concepts", type=int, default=150, help="concepts seen in training (int)")
     a("--n-test-concepts", type=int, default=24, help="held-out concepts, never trained on (int)")
