@@ -171,3 +171,13 @@ def test_reward_rises_on_a_trivial_task(base, monkeypatch):
     rows = [json.loads(line) for line in open(base / "rl" / "metrics.jsonl")]
     first, last = [r["reward"] for r in rows[:5]], [r["reward"] for r in rows[-5:]]
     assert sum(last) / 5 > sum(first) / 5 + 0.2, (first, last)
+
+
+def test_update_scores_the_steps_with_the_most_surprisal():
+    # step 0 commits near-certain tokens (no gradient), steps 1 and 3 the uncertain ones
+    img = dict(step_of=torch.tensor([[0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 2, 3]]),
+               logprobs=torch.tensor([[-0.01, -0.01, -2.0, -0.1, -1.0, -0.5], [-0.01, -0.5, -0.5, -0.2, -0.2, -3.0]]))
+    assert T.surprising_steps(img, 4, 2) == [1, 3]   # surprisal per step: 0.03, 3.0, 0.5, 4.5
+    assert T.surprising_steps(img, 4, 3) == [1, 2, 3]
+    assert T.surprising_steps(img, 4, 0) == [0, 1, 2, 3]
+    assert T.surprising_steps(None, 4, 2) == [0, 1, 2, 3]  # AR images have no steps
