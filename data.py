@@ -143,6 +143,18 @@ def encode_image(image):
     return torch.from_numpy(dist.argmin(1))
 
 
+class WorldCodec:
+    """The image-tokenizer interface the trainer uses, here the exact codec: encode(images) -> codes
+    [B, GRID*GRID], decode(codes) -> PIL images, codebook_size, grid (magvit.MagvitCodec is the other)."""
+    codebook_size, grid = CODEBOOK, GRID
+
+    def encode(self, images):
+        return torch.stack([encode_image(i) for i in images])
+
+    def decode(self, codes):
+        return [render(c) for c in codes]
+
+
 # ---------------------------------------------------------------- concepts and world
 
 @dataclass
@@ -479,7 +491,7 @@ class WordTokenizer:
          self.eor_id, self.mask_id) = range(len(SPECIALS))
         self.n_concepts = n_concepts
         self.image_offset = self.n_text = len(self.itos)
-        self.codebook_size = CODEBOOK
+        self.codebook_size, self.n_image_tokens = CODEBOOK, N_IMG
         self.vocab_size = self.image_offset + CODEBOOK
         self.stoi.update({object_word(c): self.image_offset + c for c in range(1, CODEBOOK)})
 
@@ -706,6 +718,8 @@ def ensure_world(root, seed, n_train=24, n_test=8) -> World:
 
 def understanding_prompt(tok, task):
     """[bos] context ([boi] image [eoi]) question [bor]: the model continues with its answer and <eor>."""
+    if hasattr(tok, "understanding_prompt"):  # a model with its own prompting format (showo.ShowoTokenizer)
+        return tok.understanding_prompt(task)
     ids = [tok.bos_id] + tok.encode(task.concept.context)
     if task.image is not None:
         ids += [tok.boi_id] + [tok.image_offset + int(c) for c in task.image] + [tok.eoi_id]
@@ -714,12 +728,16 @@ def understanding_prompt(tok, task):
 
 def generation_prompt(tok, concept, request, reasoning_ids):
     """[bos] context request [bor] reasoning [eor] [boi]: the drawing is conditioned on the reasoning."""
+    if hasattr(tok, "generation_prompt"):  # a model with its own prompting format (showo.ShowoTokenizer)
+        return tok.generation_prompt(concept, request, reasoning_ids)
     return ([tok.bos_id] + tok.encode(concept.context + " " + request) + [tok.bor_id] + list(reasoning_ids)
             + [tok.eor_id, tok.boi_id])
 
 
 def uncond_prompt(tok):
     """The unconditional row of classifier-free guidance: no text at all."""
+    if hasattr(tok, "uncond_prompt"):  # a model with its own prompting format (showo.ShowoTokenizer)
+        return tok.uncond_prompt()
     return [tok.bos_id, tok.boi_id]
 
 

@@ -32,11 +32,10 @@ def answer(model, tok, prompts, max_new, temperature=0.0, generator=None):
 @torch.no_grad()
 def draw(model, tok, prompts, args, temperature, generator=None, stop=None, state=None):
     """Image codes for generation prompts (ending with <boi>), MaskGIT or AR, CFG rows batched."""
-    uncond = [data.uncond_prompt(tok)] * len(prompts)
+    uncond, n = [data.uncond_prompt(tok)] * len(prompts), tok.n_image_tokens
     if args.image_mode == "ar":
-        return M.sample_ar_image(model, prompts, uncond, data.N_IMG, args.cfg, temperature, generator, stop, state)
-    return M.sample_maskgit(model, prompts, uncond, data.N_IMG, args.steps, args.cfg, temperature, generator,
-                            state, stop)
+        return M.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
+    return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop)
 
 
 def batches(items, n):

@@ -6,6 +6,8 @@ personal-concept tokens and discrete image codes, plus its three samplers and it
   parameter names match transformers' PhiForCausalLM, so `from_pretrained(dir)` loads such a folder.
 - Omni-attention as in Show-o: causal over text, bidirectional inside each image block;
   `Config.image_causal=True` makes image blocks causal (autoregressive image generation).
+  `Config.layout="showo"` is Show-o's own masks exactly (see `omni_mask`), so a released Show-o
+  checkpoint (`load_showo`) sees the sequences it was trained on.
 - Samplers return the log-probs of what they sampled; the scorers recompute them with the very same
   logit processing (`code_logprobs`, `subset_logprobs`), which is what makes the PPO ratio exactly 1 at
   the first inner update of the trainer.
@@ -43,6 +45,8 @@ class Config:
     boi_id: int = -1           # an image block is everything between <boi> and <eoi> (or the end)
     eoi_id: int = -1
     image_causal: bool = False
+    layout: str = "nanosync"   # "showo": Show-o's masks and its <eoi> after every MaskGIT image
+    mmu_id: int = -1           # Show-o's <|mmu|> task token (layout "showo")
 
 
 # ----------------------------------------------------------------------------- the network
@@ -112,6 +116,7 @@ class UnifiedModel(nn.Module):
         rot = int(cfg.n_embd // cfg.n_head * cfg.rotary_frac)
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, rot, 2).float() / rot)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.grad_ckpt = False  # gradient checkpointing of the blocks in training forwards
         self.apply(self._init)
 
     @staticmethod
@@ -123,19 +128,33 @@ class UnifiedModel(nn.Module):
 
     def omni_mask(self, idx, valid):
         """[B,1,T,T] bool: causal, plus bidirectional inside each contiguous image block, minus padding."""
-        T = idx.shape[1]
+        T, c = idx.shape[1], self.cfg
         mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None]
-        if not self.cfg.image_causal:
+        if not c.image_causal:
             # blocks come from the <boi>/<eoi> markers, not from token ids: object words in text use
             # image-code ids too, and they must stay causal, exactly as the text sampler decodes them
-            opened = (idx == self.cfg.boi_id).cumsum(1)
-            img = (opened > (idx == self.cfg.eoi_id).cumsum(1)) & (idx != self.cfg.boi_id)
+            opened, closing = (idx == c.boi_id).cumsum(1), idx == c.eoi_id
+            img = opened > closing.cumsum(1)
+            # Show-o counts both markers into the block; nanosync keeps them causal
+            img = img | closing if c.layout == "showo" else img & (idx != c.boi_id)
             blk = torch.where(img, opened, -1)
             mask = mask | ((blk[:, :, None] == blk[:, None, :]) & img[:, :, None])
+        if c.layout == "showo":
+            mask = mask | self.mmu_prefix(idx, valid)
         mask = mask & valid[:, None, :]
         # a padded query may see no key at all; letting it see itself keeps SDPA free of NaN rows
         mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)
         return mask[:, None]
+
+    def mmu_prefix(self, idx, valid):
+        """[B,1,T] bool: Show-o's understanding rows (first token <|mmu|>) attend to everything up to and
+        including their first <eoi>, the task token too; other rows get nothing extra."""
+        T = idx.shape[1]
+        first = idx.gather(1, valid.float().argmax(1, keepdim=True))[:, 0]  # first real token (left padding)
+        closing = idx == self.cfg.eoi_id
+        end = torch.where(closing.any(1), closing.float().argmax(1), -1)
+        cols = torch.arange(T, device=idx.device)
+        return ((first == self.cfg.mmu_id)[:, None] & (cols[None] <= end[:, None]))[:, None, :]
 
     def rope(self, pos, dtype):
         f = pos[..., None].float() * self.inv_freq
@@ -162,7 +181,11 @@ class UnifiedModel(nn.Module):
         x = self.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+            if self.grad_ckpt and cache is None and torch.is_grad_enabled():
+                # keep only each block's input; its insides are recomputed in backward (1.3B on one GPU)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
         return self.final_layernorm(x)
 
     def forward(self, idx, valid=None):
@@ -176,7 +199,9 @@ class UnifiedModel(nn.Module):
     def new_cache(self, B, T):
         c, hd = self.cfg, self.cfg.n_embd // self.cfg.n_head
         p = self.lm_head.weight
-        return [(p.new_zeros(B, c.n_head, T, hd), p.new_zeros(B, c.n_head, T, hd)) for _ in range(c.n_layer)]
+        dt = p.device.type  # under autocast, keys and values come out in the autocast dtype
+        kw = dict(dtype=torch.get_autocast_dtype(dt)) if torch.is_autocast_enabled(dt) else {}
+        return [(p.new_zeros(B, c.n_head, T, hd, **kw), p.new_zeros(B, c.n_head, T, hd, **kw)) for _ in range(c.n_layer)]
 
 
 # ----------------------------------------------------------------------------- loading weights
@@ -184,13 +209,27 @@ class UnifiedModel(nn.Module):
 PHI_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-def config_from_phi(d, **layout):
+def read_json(path, expected):
+    """A JSON object from a file; errors name the file and what was expected there."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; expected {expected}")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e}); expected {expected}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object ({expected})")
+    return d
+
+
+def config_from_phi(d, name="config.json", **layout):
     """Our Config from a transformers PhiConfig dict (old top-level rope keys or new rope_parameters)."""
     missing = [k for k in PHI_KEYS if k not in d]
     if missing:
-        raise ValueError(f"config.json: missing keys {missing}; expected a PhiForCausalLM config")
+        raise ValueError(f"{name}: missing keys {missing}; expected a PhiForCausalLM config")
     if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"] or d.get("qk_layernorm"):
-        raise ValueError("config.json: grouped KV heads and qk_layernorm are not supported (Phi-1.5 uses neither)")
+        raise ValueError(f"{name}: grouped KV heads and qk_layernorm are not supported (Phi-1.5 uses neither)")
     rope = d.get("rope_parameters") or {}
     act = d.get("hidden_act", "gelu_new")
     return Config(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
@@ -200,36 +239,99 @@ def config_from_phi(d, **layout):
                   ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh", **layout)
 
 
-def read_safetensors_dir(path):
+def read_weights_dir(path):
+    """Every tensor of a folder's *.safetensors files, or else of its *.bin files (PyTorch pickles,
+    read with weights_only=True so a checkpoint cannot run code)."""
     from safetensors.torch import load_file
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a folder; expected *.safetensors or *.bin weight files in it")
+    names = sorted(os.listdir(path))
+    files = [f for f in names if f.endswith(".safetensors")] or [f for f in names if f.endswith(".bin")]
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weight files found")
+        raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files found")
     sd = {}
     for f in files:
-        sd.update(load_file(os.path.join(path, f)))
+        p = os.path.join(path, f)
+        sd.update(load_file(p) if f.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True))
     return sd
 
 
-def from_pretrained(path, prefix="model.", **layout):
-    """Load a local PhiForCausalLM folder (config.json + safetensors). Never touches the network."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: not found; expected a local PhiForCausalLM checkpoint folder")
-    with open(cfg_path) as f:
-        cfg = config_from_phi(json.load(f), **layout)
-    model = UnifiedModel(cfg)
-    sd = read_safetensors_dir(path)
+def from_pretrained(path, prefix="model.", root="", config=None, **layout):
+    """Load a local PhiForCausalLM folder (config.json + safetensors or .bin). Never touches the network.
+    root: a prefix every weight name carries (Show-o keeps its Phi under `showo.`); config: the Phi
+    config dict to use instead of the folder's own config.json."""
+    name = os.path.join(path, "config.json")
+    if config is None:
+        config = read_json(name, "a local PhiForCausalLM checkpoint folder")
+    model = UnifiedModel(config_from_phi(config, name, **layout))
     ours = {}
-    for k, v in sd.items():
+    for k, v in read_weights_dir(path).items():
+        if not k.startswith(root):
+            continue
+        k = k[len(root):]
         if k.startswith(prefix):
             ours[k[len(prefix):]] = v
         elif k.startswith("lm_head."):
             ours[k] = v
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the Phi layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    problem = load_weights(model, ours)
+    if problem:
+        raise ValueError(f"{path}: weights do not match the Phi layout under {root + prefix!r}: {problem}")
     return model
+
+
+def load_weights(model, sd, optional=None):
+    """Load sd into model; returns what did not fit ("" when everything did). Keys starting with
+    `optional` may be missing (the module's own values stay)."""
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        return str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+    missing = [k for k in missing if not (optional and k.startswith(optional))]
+    return f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else ""
+
+
+# Show-o's vocabulary: Phi's llm_vocab_size text ids, then these 10 tokens in the order Show-o's
+# prompting adds them (the pad token first), then codebook_size image codes, then <mask> (the last id).
+SHOWO_SPECIALS = ("[PAD]", "<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>")
+SHOWO_KEYS = ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens")
+
+
+def showo_config(path):
+    """Show-o's own config.json: the joint-vocabulary keys (the Phi architecture is not among them)."""
+    name = os.path.join(path, "config.json")
+    d = read_json(name, f"a Show-o checkpoint folder (config.json with {', '.join(SHOWO_KEYS)}, and weights)")
+    missing = [k for k in SHOWO_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"{name}: missing keys {missing}; expected Show-o's config with {', '.join(SHOWO_KEYS)}")
+    if d.get("w_clip_vit"):
+        raise ValueError(f"{name}: w_clip_vit is true; only Show-o without the CLIP-ViT understanding encoder is supported")
+    if d["vocab_size"] != d["llm_vocab_size"] + len(SHOWO_SPECIALS) + d["codebook_size"] + 1:
+        raise ValueError(f"{name}: vocab_size {d['vocab_size']} != llm_vocab_size + {len(SHOWO_SPECIALS)} specials "
+                         f"+ codebook_size + 1 mask token")
+    return d
+
+
+def showo_layout(sc):
+    """The Config ids of Show-o's joint vocabulary (image code k is id llm_vocab_size + 10 + k)."""
+    ids = {t: sc["llm_vocab_size"] + i for i, t in enumerate(SHOWO_SPECIALS)}
+    return dict(image_offset=sc["llm_vocab_size"] + len(SHOWO_SPECIALS), codebook_size=sc["codebook_size"],
+                mask_id=sc["vocab_size"] - 1, pad_id=ids["[PAD]"], boi_id=ids["<|soi|>"], eoi_id=ids["<|eoi|>"],
+                mmu_id=ids["<|mmu|>"], layout="showo")
+
+
+def load_showo(path, phi_dir=None):
+    """(model, Show-o config) from a local Show-o folder: a PhiForCausalLM kept as `showo.`, its embeddings
+    resized to the joint vocabulary. The architecture comes from Show-o's config.json if it holds Phi's
+    keys, else from phi_dir/config.json (a local microsoft/phi-1_5 folder, Show-o's llm_model_path)."""
+    sc = showo_config(path)
+    if all(k in sc for k in PHI_KEYS):
+        phi = sc
+    elif phi_dir is None:
+        raise ValueError(f"{os.path.join(path, 'config.json')} has no Phi architecture keys {list(PHI_KEYS)}; "
+                         "give the local Phi-1.5 folder whose config.json has them")
+    else:
+        phi = read_json(os.path.join(phi_dir, "config.json"), "Phi-1.5's config.json (a local microsoft/phi-1_5 folder)")
+    return from_pretrained(path, root="showo.", config={**phi, "vocab_size": sc["vocab_size"]}, **showo_layout(sc)), sc
 
 
 def config_dict(cfg):
@@ -402,6 +504,15 @@ def cfg_prompts(cond, uncond, cfg_w):
     return cond + uncond if cfg_w else cond
 
 
+def close_image(c, rows, valid):
+    """(rows, valid, k): Show-o's generation rows end with <eoi> after the image (its image tokens
+    attend to it), so k = 1 token follows the image; nanosync's rows end at the image (k = 0)."""
+    if c.layout != "showo":
+        return rows, valid, 0
+    eoi = torch.full((len(rows), 1), c.eoi_id, dtype=rows.dtype, device=rows.device)
+    return torch.cat((rows, eoi), 1), torch.cat((valid, torch.ones_like(eoi, dtype=torch.bool)), 1), 1
+
+
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
                    state=None, stop=None, two_pass=False):
@@ -420,22 +531,23 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
     for s in range(state["step"], steps if stop is None else min(stop, steps)):
         x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
-        inp, v = torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1)
+        inp, v, k = close_image(c, torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))
+        img = slice(inp.shape[1] - k - N, inp.shape[1] - k)
         if two_pass:  # the slow twin bench.py times: cond and uncond rows in separate forwards
-            h = torch.cat([model.hidden(inp[r], v[r])[:, -N:] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
+            h = torch.cat([model.hidden(inp[r], v[r])[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
         else:
-            h = model.hidden(inp, v)[:, -N:]
+            h = model.hidden(inp, v)[:, img]
         lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
-        k = pick(lp, temperature, generator=generator)
-        klp = lp.gather(-1, k[..., None])[..., 0]
+        drawn = pick(lp, temperature, generator=generator)
+        klp = lp.gather(-1, drawn[..., None])[..., 0]
         masked = codes < 0
         n_commit = int(masked[0].sum()) - keep_masked(s, steps, N)
         conf = klp.masked_fill(~masked, -float("inf"))
         commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
-        codes = torch.where(commit, k, codes)
+        codes = torch.where(commit, drawn, codes)
         lps = torch.where(commit, klp, lps)
         step_of = torch.where(commit, s, step_of)
-        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, k, codes), step=s + 1)
+        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, drawn, codes), step=s + 1)
     return state
 
 
@@ -454,7 +566,8 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
                       x.view(1, S * B, N).expand(r, -1, -1).reshape(r * S * B, N)), 1)
     vrows = torch.cat((valid.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
-    h = (trunk or model)(rows, vrows)[:, -N:].reshape(r, S, B, N, -1)
+    rows, vrows, k = close_image(c, rows, vrows)
+    h = (trunk or model)(rows, vrows)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
     hit = step_of[None] == s  # [S,B,N]: the token committed at step s is scored at step s
 
     def fn(hc, hu, t):

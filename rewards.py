@@ -5,7 +5,9 @@ every component is returned separately so it can be logged.
 
 Text rewards score the answer / reasoning; image rewards score the drawing. The defaults follow the
 released split R = 0.65 * R_img + 0.35 * R_text, R_img = 0.4 * identity + 0.6 * judge, where our
-exact "judge" is alignment + knowledge + plausibility + cycle consistency.
+exact "judge" is alignment + knowledge + plausibility + cycle consistency. A real model's drawings
+(the Show-o path) are scored instead by CLIP-I / CLIP-T / DINO from local transformers folders and a
+judge callable; those are off (weight 0) on the embedded world.
 """
 import math
 from collections import Counter
@@ -96,11 +98,108 @@ def cycle(rollouts, ctx):
     return out
 
 
+# ----------------------------------------------------------------------------- real-image rewards
+# For a real model (the Show-o path). They read from ctx: "drawings" (rollouts -> decoded PIL drawings,
+# None where nothing was drawn), "references" (concept -> its reference images) and the scorers loaded
+# from local folders ("clip", "dino": Embedder) or the judge callable ("judge"). Raw cosines, as released.
+
+class Embedder:
+    """Unit-norm embeddings from a local transformers folder, never the network: kind "clip" is a
+    CLIPModel (images and texts, with its tokenizer); "image" is any AutoModel image backbone (DINO),
+    embedding = its pooled output (else the first token). Reference embeddings are cached per concept."""
+
+    def __init__(self, path, kind, device="cpu"):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+        self.clip, self.device = kind == "clip", device
+        self.model = (CLIPModel if self.clip else AutoModel).from_pretrained(path, local_files_only=True).to(device).eval()
+        self.proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if self.clip else None
+        self.refs = {}
+
+    @staticmethod
+    def _pooled(out):
+        if torch.is_tensor(out):
+            return out
+        return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+
+    @torch.no_grad()
+    def images(self, images):
+        px = self.proc(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        with torch.autocast(torch.device(self.device).type, enabled=False):  # fp32 under the trainer's --bf16 too
+            out = self.model.get_image_features(pixel_values=px) if self.clip else self.model(pixel_values=px)
+        return torch.nn.functional.normalize(self._pooled(out).float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts):
+        n = self.model.config.text_config.max_position_embeddings
+        t = self.tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt").to(self.device)
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            out = self.model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        return torch.nn.functional.normalize(self._pooled(out).float(), dim=-1)
+
+    def references(self, concept, ctx):
+        if concept.token not in self.refs:
+            self.refs[concept.token] = self.images(ctx["references"](concept))
+        return self.refs[concept.token]
+
+
+def _drawn(rollouts, ctx):
+    """(indices of rollouts with a drawing, those drawings)."""
+    pics = ctx["drawings"](rollouts)
+    has = [i for i, p in enumerate(pics) if p is not None]
+    return has, [pics[i] for i in has]
+
+
+def _to_references(rollouts, ctx, key):
+    """Mean cosine similarity of each drawing to its concept's reference images."""
+    out, (has, pics) = [0.0] * len(rollouts), _drawn(rollouts, ctx)
+    if has:
+        emb = ctx[key]
+        for i, x in zip(has, emb.images(pics)):
+            out[i] = (emb.references(rollouts[i].gen.concept, ctx) @ x).mean().item()
+    return out
+
+
+def clip_i(rollouts, ctx):
+    """CLIP-I: the drawing's CLIP image similarity to the concept's reference images."""
+    return _to_references(rollouts, ctx, "clip")
+
+
+def dino(rollouts, ctx):
+    """DINO similarity to the reference images (identity, less fooled by style than CLIP)."""
+    return _to_references(rollouts, ctx, "dino")
+
+
+def clip_t(rollouts, ctx):
+    """CLIP-T: the drawing's CLIP similarity to its request, the identifier read as the class word."""
+    out, (has, pics) = [0.0] * len(rollouts), _drawn(rollouts, ctx)
+    if has:
+        g = [rollouts[i].gen for i in has]
+        sim = (ctx["clip"].images(pics) * ctx["clip"].texts([x.concept.plain(x.question) for x in g])).sum(-1)
+        for i, v in zip(has, sim.tolist()):
+            out[i] = v
+    return out
+
+
+def judge(rollouts, ctx):
+    """The judge hook: the callable named by --judge ("module:function"), same signature as a reward."""
+    return [float(x) for x in ctx["judge"](rollouts, ctx)]
+
+
+def clip_preview_score(gens, codes, ctx):
+    """DGS preview score with real images, as released: 0.65 CLIP-I + 0.35 CLIP-T of the preview."""
+    rolls = [Rollout(g, g, None, c) for g, c in zip(gens, codes)]
+    return [0.65 * a + 0.35 * b for a, b in zip(clip_i(rolls, ctx), clip_t(rolls, ctx))]
+
+
 TEXT = {"text_exact": text_exact, "text_bleu": text_bleu, "format": format_ok}
 IMAGE = {"identity": identity, "alignment": alignment, "knowledge": knowledge,
-         "plausibility": plausibility, "cycle": cycle}
+         "plausibility": plausibility, "cycle": cycle, "clip_i": clip_i, "clip_t": clip_t, "dino": dino, "judge": judge}
 DEFAULT_WEIGHTS = {"text_exact": 0.25, "text_bleu": 0.10, "format": 0.0,
-                   "identity": 0.26, "alignment": 0.13, "knowledge": 0.13, "plausibility": 0.065, "cycle": 0.065}
+                   "identity": 0.26, "alignment": 0.13, "knowledge": 0.13, "plausibility": 0.065, "cycle": 0.065,
+                   "clip_i": 0.0, "clip_t": 0.0, "dino": 0.0, "judge": 0.0}
+WORLD_ONLY = ("identity", "alignment", "knowledge", "plausibility")  # exact checks of the embedded world
+REAL_ONLY = {"clip_i": "clip", "clip_t": "clip", "dino": "dino", "judge": "judge"}  # reward -> the scorer it needs
 
 
 def ensemble(rollouts, weights, ctx):

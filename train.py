@@ -10,6 +10,7 @@ layout the first time; later runs load it from disk. Outputs go to --out-dir/<st
 checkpoints (step_XXXXXX/ folders + a `latest` pointer, each written atomically), PNG sample grids.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,10 +29,37 @@ import dgs
 import eval as E
 import model as M
 import rewards
+import showo
 
 
 MIXES = {"both": ["vqa", "kgen", "gen"], "u": ["vqa"], "r": ["kgen", "gen"],
          "und": ["recognition", "vqa", "textqa"], "gen": ["kgen", "gen"]}
+
+
+PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
+                         dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
+                         bf16=True, grad_ckpt=True,  # with these a 1.3B step fits one 80 GB GPU
+                         # the released mix R = 0.65 (0.4 CLIP-I + 0.6 judge) + 0.35 BLEU; every other reward off
+                         **{f"w_{k}": 0.0 for k in rewards.DEFAULT_WEIGHTS} | dict(w_text_bleu=0.35, w_clip_i=0.26, w_judge=0.39))}
+
+
+def apply_preset(p, args, argv):
+    """Preset values for the flags not on the command line; with --showo-dir the embedded world's exact
+    image checks are off unless given (and then an error: they need the world's sprites)."""
+    for action in p._actions:  # a second parse that keeps only what the command line set
+        action.default = argparse.SUPPRESS
+    given = vars(p.parse_args(argv))
+    for k, v in PRESETS.get(args.preset, {}).items():
+        if k not in given:
+            setattr(args, k, v)
+    if args.showo_dir:
+        for k in rewards.WORLD_ONLY:
+            if given.get(f"w_{k}"):
+                p.error(f"--w-{k.replace('_', '-')} is an exact check of the embedded world; a real model "
+                        "uses --w-clip-i / --w-clip-t / --w-dino / --w-judge")
+            setattr(args, f"w_{k}", 0.0)
+    elif args.preset == "showo":
+        p.error("--preset showo needs --showo-dir (and --magvit-dir, --tokenizer-dir, --data-dir)")
 
 
 def get_args(argv=None):
@@ -39,7 +67,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--stage", default="rl", choices=["rl", "pretrain", "eval"],
       help="rl = Sync-GRPO from --base (pretraining it first on the embedded world if missing)")
-    a("--data-dir", default="out/world", help="UnifyBench-layout folder; the embedded world is written here if empty")
+    a("--data-dir", default="out/world", help="UnifyBench-layout folder; the embedded world is written here if empty "
+      "(with --showo-dir: a real UnifyBench folder, only read)")
     a("--world-seed", type=int, default=1234, help="seed of the embedded world (int)")
     a("--n-train-concepts", type=int, default=150, help="concepts seen in training (int)")
     a("--n-test-concepts", type=int, default=24, help="held-out concepts, never trained on (int)")
@@ -102,7 +131,26 @@ def get_args(argv=None):
     a("--eval-temperature", type=float, default=1.0, help="image sampling temperature in evaluation (fixed seed)")
     a("--max-text", type=int, default=12, help="max new text tokens per answer (int)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    # a real model: Show-o + MAGVIT-v2 + a UnifyBench folder (--data-dir), every part from a local folder
+    a("--preset", default="none", choices=["none", "showo"],
+      help="showo = the paper's Show-o run (G 9, CFG 5, T 50, lr 1e-6, beta 0.01, eps 0.2, DGS preview at step 10, "
+           "released reward mix); sets only the flags not given")
+    a("--showo-dir", default=None, help="RL on Show-o: local checkpoint folder (config.json + *.safetensors or pytorch_model.bin)")
+    a("--magvit-dir", default=None, help="local MAGVIT-v2 folder (Show-o's magvitv2 weights, optional config.json)")
+    a("--tokenizer-dir", default=None, help="local Phi-1.5 folder (microsoft/phi-1_5): tokenizer files, config.json = the architecture")
+    a("--clip-dir", default=None, help="local transformers CLIP folder: clip_i / clip_t rewards and the DGS preview score (none = off)")
+    a("--dino-dir", default=None, help="local transformers DINO folder (AutoModel + image processor): dino reward (none = off)")
+    a("--judge", default=None, help="judge reward: module:function, f(rollouts, ctx) -> list[float] in [0, 1] (none = off)")
+    a("--concept-tokens", type=int, default=16, help="learned concept tokens per concept besides its identifier (int)")
+    a("--concept-init", default="class", choices=["class", "image"],
+      help="new rows start at the class word's rows, or (concept tokens) at the mean row of the reference images' codes")
+    a("--concept-rows-only", action="store_true", help="train only the concept tokens' embedding and lm_head rows")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=False,
+      help="bf16 autocast for rollouts and updates (weights and optimizer state stay fp32); on in --preset showo")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
+      help="gradient checkpointing: recompute each block's activations in backward; on in --preset showo")
     args = p.parse_args(argv)
+    apply_preset(p, args, argv)
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
               "rollouts", "group", "mu"):
         if getattr(args, k) <= 0:
@@ -220,8 +268,10 @@ def new_model(args, tok):
 
 
 def make_optimizer(model, args, total):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    # rows-only training marks its matrices no_decay: decay would move the rows it must leave alone
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_decay", False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "no_decay", False)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
@@ -356,15 +406,15 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
 
 # ----------------------------------------------------------------------------- Sync-GRPO: rollouts
 
-def rollout_plan(task, mix):
+def rollout_plan(task, mix, after=data.draw_after_answer):
     """(text prompt or None, what to draw or None) for one prompt of the reasoning loop.
-    mode u: answer a question about an image, then draw the concept from that answer;
+    mode u: answer a question about an image, then draw the concept from that answer (`after`);
     mode r: state the fact the request needs, then draw; und / gen: one modality only (ablations)."""
     if mix == "und":
         return task, None
     if mix == "gen":
         return None, task
-    return task, data.draw_after_answer(task) if task.kind == "vqa" else task
+    return task, after(task) if task.kind == "vqa" else task
 
 
 def sample_partials(model, tok, task, gen_task, n, args, g, stop):
@@ -422,16 +472,18 @@ def pad_cat(ts):
     return torch.cat([t if L is None else torch.nn.functional.pad(t, (0, L - t.shape[-1])) for t in ts])
 
 
-def sample_group(model, tok, task, mix, args, g, dgs_state):
-    """G rollouts of one prompt; with DGS, previews below tau are dropped and resampled (dgs.py)."""
-    text_task, gen_task = rollout_plan(task, mix)
+def sample_group(model, tok, task, mix, args, g, dgs_state, world=None):
+    """G rollouts of one prompt; with DGS, previews below tau are dropped and resampled (dgs.py).
+    A real world brings its own follow-up drawing of mode u and its own preview score."""
+    text_task, gen_task = rollout_plan(task, mix, getattr(world, "draw_after_answer", data.draw_after_answer))
+    preview_score = getattr(world, "preview_score", rewards.preview_score)
     finish_img = lambda p: dict(p, img=E.draw(model, tok, p["gen_prompts"], rl_sampling(args), args.temperature, g, state=p["img"]))
     if gen_task is None or not args.dgs:
         p = sample_partials(model, tok, text_task, gen_task, args.group, args, g, None)
         return p, text_task, gen_task, None
     preview = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * data.GRID
     start = lambda n: [rows(q, [i]) for q in [sample_partials(model, tok, text_task, gen_task, n, args, g, preview)] for i in range(n)]
-    score = lambda ps: rewards.preview_score([gen_task] * len(ps), [q["img"]["pred"][0] for q in ps])
+    score = lambda ps: preview_score([gen_task] * len(ps), [q["img"]["pred"][0] for q in ps])
     finish = lambda ps: (lambda p: [rows(p, [i]) for i in range(len(ps))])(finish_img(cat_rows(ps)))
     done, stats = dgs.dgs_group(start, score, finish, args.group, args.dgs_cap, dgs_state, args.dgs_batch)
     return cat_rows(done), text_task, gen_task, stats
@@ -455,16 +507,19 @@ def collect(model, tok, world, args, rank, step, dgs_state):
     dev = model.lm_head.weight.device
     g = torch.Generator(dev).manual_seed(hash((args.seed, rank, step)) % 2**63)  # resume replays the same rollouts
     rng = random.Random(f"{args.seed}/{rank}/{step}")
-    concepts = data.anonymize(world.train, len(world.concepts), rng)
-    tasks = data.make_tasks(concepts, MIXES[args.tasks], 4 * args.rollouts // args.group, seed=rng.randrange(2**31))
-    # "is <c> in the image ?" asked in VQA is always about a positive scene; RL on it alone would
-    # teach "yes" to everything, so recognition is trained only through its balanced task kind
-    tasks = [t for t in tasks if t.meta.get("q") != "recognition"][:args.rollouts // args.group]
+    if hasattr(world, "sample_tasks"):  # a real folder: its concepts keep their own learned tokens
+        tasks = world.sample_tasks(MIXES[args.tasks], args.rollouts // args.group, rng)
+    else:
+        concepts = data.anonymize(world.train, len(world.concepts), rng)
+        tasks = data.make_tasks(concepts, MIXES[args.tasks], 4 * args.rollouts // args.group, seed=rng.randrange(2**31))
+        # "is <c> in the image ?" asked in VQA is always about a positive scene; RL on it alone would
+        # teach "yes" to everything, so recognition is trained only through its balanced task kind
+        tasks = [t for t in tasks if t.meta.get("q") != "recognition"][:args.rollouts // args.group]
     model.eval()
     t0 = time.time()
     parts, rolls, stats = [], [], []
     for task in tasks:
-        p, text_task, gen_task, st = sample_group(model, tok, task, args.tasks, args, g, dgs_state)
+        p, text_task, gen_task, st = sample_group(model, tok, task, args.tasks, args, g, dgs_state, world)
         parts.append(p)
         stats += [st] if st else []
         for i in range(args.group):
@@ -472,7 +527,8 @@ def collect(model, tok, world, args, rank, step, dgs_state):
                                          p["img"]["codes"][i] if "img" in p else None, p["finished"][i]))
     t1 = time.time()
     weights = {k: getattr(args, "w_" + k) for k in rewards.DEFAULT_WEIGHTS}
-    r_text, r_img, comps = rewards.ensemble(rolls, weights, {"recognize": recognizer(model, tok)})
+    ctx = {"recognize": recognizer(model, tok), **(world.reward_ctx() if hasattr(world, "reward_ctx") else {})}
+    r_text, r_img, comps = rewards.ensemble(rolls, weights, ctx)
     batch = cat_rows(parts)
     batch.update(r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
                  text_prompts=[data.understanding_prompt(tok, t) for t in tasks for _ in range(args.group)] if parts[0]["toks"] is not None else None)
@@ -583,6 +639,8 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
             loss = loss + getattr(args, f"w_{key}_loss") * F["segment_mean"](obj + args.beta * kl, mask)
             with torch.no_grad():
                 r = ratio[mask]
+                if not r.numel():  # the sampled MaskGIT steps committed no token (few image tokens, many steps)
+                    continue
                 s = {f"{key}_ratio_mean": r.mean(), f"{key}_ratio_min": r.min(), f"{key}_ratio_max": r.max(),
                      f"{key}_clip_frac": ((r < 1 - args.eps) | (r > 1 + (args.eps_high or args.eps))).float().mean(),
                      f"{key}_kl": kl[mask].mean(), f"{key}_entropy": ent[mask].mean(),
@@ -606,8 +664,8 @@ def has_ckpt(path):
         return False
 
 
-def rl(args, rank=0, world_size=1, device="cpu"):
-    """Sync-GRPO: held-out eval of the base, args.rl_iters RL steps, held-out eval again."""
+def embedded_base(args, rank, world_size, device):
+    """(world, tokenizer, policy, reference or None) of the embedded world, pretraining the base if missing."""
     base = args.base or os.path.join(args.out_dir, "pretrain")
     if not has_ckpt(base):
         if args.base:
@@ -617,20 +675,35 @@ def rl(args, rank=0, world_size=1, device="cpu"):
             dist.barrier()
     world, tok = world_and_tokenizer(args)
     policy, meta, _ = load_checkpoint(base, device)
-    args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
     ref = load_checkpoint(base, device)[0].requires_grad_(False).eval() if args.beta else None
+    return world, tok, policy, ref
+
+
+def amp(args, device):
+    """bf16 autocast under --bf16 (weights and optimizer state stay fp32), else nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def rl(args, rank=0, world_size=1, device="cpu"):
+    """Sync-GRPO: held-out eval of the base, args.rl_iters RL steps, held-out eval again (embedded world;
+    a real UnifyBench folder logs its reward components only)."""
+    if args.showo_dir:
+        world, tok, policy, ref = showo.setup(args, device, say=print if rank == 0 else lambda *a: None)
+    else:
+        world, tok, policy, ref = embedded_base(args, rank, world_size, device)
+    args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
     opt, sched = make_optimizer(policy, argparse.Namespace(**{**vars(args), "lr": args.rl_lr, "warmup": args.rl_warmup}),
                                 args.rl_iters * args.mu)
     dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
     run_dir = os.path.join(args.out_dir, "rl")
     os.makedirs(run_dir, exist_ok=True)
-    held_out = data.load_tasks(args.data_dir, "test")
+    held_out = None if args.showo_dir else data.load_tasks(args.data_dir, "test")  # metrics need the exact world
     if args.resume and has_ckpt(run_dir):
         step, state = restore(run_dir, policy, opt, sched)
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
         set_rng_state(state["rng"])
         before = state["before"]
-    if rank == 0 and before is None and args.eval_base:
+    if rank == 0 and before is None and args.eval_base and held_out:
         before = E.evaluate(policy, tok, held_out, args)
     model = DDP(policy) if world_size > 1 else policy
     F = compiled(args)
@@ -638,9 +711,11 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
     end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
     while step < end:
-        batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
+        with amp(args, device):
+            batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
         t = time.time()
-        row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
+        with amp(args, device):
+            row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
         row["t_update"] = time.time() - t
         step += 1
         for name, v in batch["comps"].items():
@@ -652,23 +727,24 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         if rank == 0 and (step % args.sample_every == 0 or step == args.rl_iters):
-            save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, args.group)
+            save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, args.group, getattr(world, "codec", data.WorldCodec()))
         if rank == 0 and (step % args.ckpt_every == 0 or step == end):
             save_checkpoint(run_dir, step, policy, dict(stage="rl", args=vars(args)),
                             dict(opt=opt.state_dict(), sched=sched.state_dict(), dgs=dgs_state.state_dict(),
                                  rng=rng_state(), step=step, before=before), args.keep)
     bar.close()
-    if rank == 0 and step == args.rl_iters:
+    if rank == 0 and step == args.rl_iters and held_out:
         cols = ({"base": before} if before else {}) | {"sync-grpo": E.evaluate(policy, tok, held_out, args)}
         print(E.table(cols))
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(cols, indent=1).encode())
     return policy
 
 
-def save_rollouts(path, rolls, G, n_groups=4):
+def save_rollouts(path, rolls, G, codec, n_groups=4):
     """PNG grid of the first rollouts of a few groups: prompt, reasoning text, image."""
     picked = [r for i, r in enumerate(rolls) if i % G < 4][:4 * n_groups]
-    images = [data.render(r.codes if r.codes is not None else torch.zeros(data.N_IMG, dtype=torch.long)) for r in picked]
+    blank = torch.zeros(codec.grid ** 2, dtype=torch.long)  # no drawing: all code 0
+    images = codec.decode([r.codes if r.codes is not None else blank for r in picked])
     data.save_grid(path, images, [f"{r.task.question} | {r.text or ''}" for r in picked])
 
 
