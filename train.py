@@ -110,7 +110,7 @@ def get_args(argv=None):
     a("--adv", default="batchstd", choices=list(dgs.ADVANTAGE_MODES), help="advantage scaling: std (GRPO), nostd (Dr. GRPO), batchstd")
     a("--split-adv", action="store_true", help="text tokens get the text-reward advantage, image tokens the image-reward one")
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
-    a("--w-image-loss", type=float, default=4.0, help="weight of the image-token loss (per-modality token mean)")
+    a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
     a("--rl-cfg", type=float, default=1.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either)")
     a("--update-steps", type=int, default=2, help="MaskGIT steps scored per update: the k of T whose committed tokens were least certain (0 = all T)")
