@@ -138,8 +138,7 @@ def run_base(args, mode, seed):
     if not os.path.isfile(os.path.join(d, "pretrain", "eval.json")):
         print(f"pretrain {mode} base (seed {seed}) -> {d}", flush=True)
         train(["--stage", "pretrain", "--image-mode", mode, "--seed", str(seed), "--iters", str(args.iters),
-               "--data-dir", args.data_dir, "--out-dir", d,
-               "--eval-base", "0"]  # the base row already has the base's held-out metrics + args.extra, d, os.path.join(d, "log.txt"))
+               "--data-dir", args.data_dir, "--out-dir", d] + args.extra, d, os.path.join(d, "log.txt"))
     return dict(eval=read_json(os.path.join(d, "pretrain", "eval.json")), wall_s=read_json(os.path.join(d, "wall.json"), "wall_s"),
                 base=d, reward=[], step_s=[], sampled=[])
 
