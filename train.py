@@ -36,32 +36,6 @@ MIXES = {"both": ["vqa", "kgen", "gen"], "u": ["vqa"], "r": ["kgen", "gen"],
          "und": ["recognition", "vqa", "textqa"], "gen": ["kgen", "gen"]}
 
 
-PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
-                         dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
-                         bf16=True, grad_ckpt=True,  # with these a 1.3B step fits one 80 GB GPU
-                         # the released mix R = 0.65 (0.4 CLIP-I + 0.6 judge) + 0.35 BLEU; every other reward off
-                         **{f"w_{k}": 0.0 for k in rewards.DEFAULT_WEIGHTS} | dict(w_text_bleu=0.35, w_clip_i=0.26, w_judge=0.39))}
-
-
-def apply_preset(p, args, argv):
-    """Preset values for the flags not on the command line; with --showo-dir the embedded world's exact
-    image checks are off unless given (and then an error: they need the world's sprites)."""
-    for action in p._actions:  # a second parse that keeps only what the command line set
-        action.default = argparse.SUPPRESS
-    given = vars(p.parse_args(argv))
-    for k, v in PRESETS.get(args.preset, {}).items():
-        if k not in given:
-            setattr(args, k, v)
-    if args.showo_dir:
-        for k in rewards.WORLD_ONLY:
-            if given.get(f"w_{k}"):
-                p.error(f"--w-{k.replace('_', '-')} is an exact check of the embedded world; a real model "
-                        "uses --w-clip-i / --w-clip-t / --w-dino / --w-judge")
-            setattr(args, f"w_{k}", 0.0)
-    elif args.preset == "showo":
-        p.error("--preset showo needs --showo-dir (and --magvit-dir, --tokenizer-dir, --data-dir)")
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -150,7 +124,7 @@ def get_args(argv=None):
     a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
       help="gradient checkpointing: recompute each block's activations in backward; on in --preset showo")
     args = p.parse_args(argv)
-    apply_preset(p, args, argv)
+    showo.apply_preset(p, args, argv)
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
               "rollouts", "group", "mu"):
         if getattr(args, k) <= 0:
