@@ -85,7 +85,7 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- timing and memory
 
 def amp(dev):  # bf16 autocast on CUDA (SDPA picks the flash / memory-efficient kernels), fp32 on CPU
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    return train.amp(argparse.Namespace(bf16=dev.type == "cuda"), dev)
 
 
 def sync(dev):
@@ -359,8 +359,7 @@ def bench_rl_step(args, res):
     world, tok = train.world_and_tokenizer(targs)
     policy = train.load_checkpoint(args.rl_base)[0] if args.rl_base else train.new_model(targs, tok)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    opt, sched = train.make_optimizer(policy, argparse.Namespace(**{**vars(targs), "lr": targs.rl_lr, "warmup": targs.rl_warmup}),
-                                      targs.rl_iters * targs.mu)
+    opt, sched = train.rl_optimizer(policy, targs)
     batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
     t = time.perf_counter()
     train.rl_update(policy, policy, ref, tok, batch, opt, sched, targs, train.FORMULAS, 0)

@@ -207,8 +207,11 @@ def load_checkpoint(path, device="cpu"):
 
 def restore(run_dir, model, opt, sched):
     """Load a run's latest weights, optimizer and scheduler in place; returns (step, saved state)."""
-    loaded, meta, state = load_checkpoint(run_dir)
-    model.load_state_dict(loaded.state_dict())
+    path = resolve_ckpt(run_dir)  # into the live model: no second copy of the weights is built
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     return meta["step"], state
@@ -658,6 +661,12 @@ def amp(args, device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
 
+def rl_optimizer(policy, args):
+    """AdamW + warm-up/cosine with the RL learning rate, over rl_iters x mu optimizer updates."""
+    return make_optimizer(policy, argparse.Namespace(**{**vars(args), "lr": args.rl_lr, "warmup": args.rl_warmup}),
+                          args.rl_iters * args.mu)
+
+
 def rl(args, rank=0, world_size=1, device="cpu"):
     """Sync-GRPO: held-out eval of the base, args.rl_iters RL steps, held-out eval again (embedded world;
     a real UnifyBench folder logs its reward components only)."""
@@ -666,8 +675,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     else:
         world, tok, policy, ref = embedded_base(args, rank, world_size, device)
     args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
-    opt, sched = make_optimizer(policy, argparse.Namespace(**{**vars(args), "lr": args.rl_lr, "warmup": args.rl_warmup}),
-                                args.rl_iters * args.mu)
+    opt, sched = rl_optimizer(policy, args)
     dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
     run_dir = os.path.join(args.out_dir, "rl")
     os.makedirs(run_dir, exist_ok=True)
