@@ -541,7 +541,8 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
         drawn = pick(lp, temperature, generator=generator)
         klp = lp.gather(-1, drawn[..., None])[..., 0]
         masked = codes < 0
-        n_commit = int(masked[0].sum()) - keep_masked(s, steps, N)
+        # from the schedule, not masked.sum(): no host sync per step
+        n_commit = (keep_masked(s - 1, steps, N) if s else N) - keep_masked(s, steps, N)
         conf = klp.masked_fill(~masked, -float("inf"))
         commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
         codes = torch.where(commit, drawn, codes)

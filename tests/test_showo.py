@@ -44,7 +44,10 @@ def test_showo_checkpoint_matches_transformers(tmp_path, folders, fmt):
     n = sc["llm_vocab_size"]
     assert ours.cfg.image_offset == n + 10 and ours.cfg.mask_id == sc["vocab_size"] - 1
     assert (ours.cfg.pad_id, ours.cfg.boi_id, ours.cfg.eoi_id, ours.cfg.mmu_id) == (n, n + 1, n + 2, n + 6)
-    idx = torch.randint(0, n, (2, 13))  # text only: the causal path
+    # every row but the 10 specials (text, image codes, <mask>): no <soi>/<eoi>, so the mask stays causal
+    ids = torch.cat((torch.arange(n), torch.arange(n + 10, sc["vocab_size"])))
+    idx = ids[torch.randint(0, len(ids), (2, 13))]
+    assert (idx >= n + 10).any()
     with torch.no_grad():
         assert (hf(idx).logits - ours.eval().logits(idx)).abs().max().item() < 1e-4
 
