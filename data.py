@@ -45,6 +45,11 @@ FACT_KINDS = ["hat", "carry", "corner"]  # order of Concept.facts and of the kge
 ROWS = {"top": (1, 2), "bottom": (5, 6)}
 COLS = {"left": (1, 2), "right": (4, 5)}
 CORNER_POS = {"top left": (1, 1), "top right": (1, 5), "bottom left": (6, 1), "bottom right": (6, 5)}
+# Where a drawing goes: one placement per region (its corner position), and the top left when the request
+# names no place. Scenes to understand place the sprite anywhere in a region, but a drawing request must
+# fix every cell: with 4 valid placements MaskGIT samples cells of different placements in parallel and
+# scatters the sprite (no base ever drew it whole).
+DRAW_POS, UNPLACED = CORNER_POS, "top left"
 SPRITE_OFFSETS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 HAT_OFFSET, CARRY_OFFSET, BESIDE_OFFSET = (-1, 0), (1, 2), (1, -1)
 
@@ -203,10 +208,15 @@ class World:
         return self.train + self.test
 
 
+# One 2x2 shape pattern per class, all distinct (drawn without replacement from the 4^4 patterns), so
+# two concepts of one colour never share a sprite.
+_PATTERNS = random.Random("shapes").sample([(a, b, c, d) for a in SHAPES for b in SHAPES for c in SHAPES
+                                            for d in SHAPES], len(CLASSES))
+
+
 def class_shapes(cls):
-    """The 2x2 shape pattern every concept of a class shares (fixed by the class name)."""
-    rng = random.Random(f"shapes/{cls}")
-    return [rng.choice(SHAPES) for _ in SPRITE_OFFSETS]
+    """The 2x2 shape pattern every concept of a class shares."""
+    return list(_PATTERNS[CLASSES.index(cls)])
 
 
 def make_world(seed: int, n_train: int = 24, n_test: int = 8) -> World:
@@ -217,10 +227,22 @@ def make_world(seed: int, n_train: int = 24, n_test: int = 8) -> World:
     looks = [(cls, colour) for cls in CLASSES for colour in COLOURS]
     if n_train + n_test > len(looks):
         raise ValueError(f"at most {len(looks)} concepts have distinct sprites, asked for {n_train + n_test}")
-    concepts = [Concept(f"<c{i}>", cls, [code_of(colour, s) for s in class_shapes(cls)], rng.choice(COLOURS),
-                        (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS))
-                for i, (cls, colour) in enumerate(rng.sample(looks, n_train + n_test))]
+    concepts = [_concept(f"<c{i}>", look, rng) for i, look in enumerate(rng.sample(looks, n_train + n_test))]
     return World(concepts[:n_train], concepts[n_train:], seed)
+
+
+def _concept(token, look, rng):
+    cls, colour = look
+    return Concept(token, cls, [code_of(colour, s) for s in class_shapes(cls)], rng.choice(COLOURS),
+                   (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS))
+
+
+def random_concepts(n, n_ids, rng):
+    """n fresh concepts (distinct looks, random facts) under identifiers drawn from <c0>..<c{n_ids-1}>:
+    what the base is pretrained on, so that it belongs to no world and serves every world seed. Every
+    world's concepts, held-out ones included, are new to it as concepts (a look with its own facts)."""
+    looks = rng.sample([(cls, colour) for cls in CLASSES for colour in COLOURS], n)
+    return [_concept(f"<c{i}>", look, rng) for i, look in zip(rng.sample(range(n_ids), n), looks)]
 
 
 # ---------------------------------------------------------------- scenes
@@ -275,19 +297,16 @@ def make_scene(concept, rng, with_hat=False, with_carry=False, region=None, dist
 
 
 def hard_negative(concept, codes, rng):
-    """The same scene with one sprite cell changed in shape or in colour."""
+    """The same scene with the sprite recoloured: a look-alike of the same class in another colour.
+    (A single changed cell was too subtle: a CPU-sized base answered recognition with one constant.)"""
     score, (r, c) = find_sprite(concept, codes)
     if score < 1:
         raise ValueError(f"hard_negative needs {concept.token}'s sprite drawn exactly")
     grid = _as_list(codes)
-    dr, dc = rng.choice(SPRITE_OFFSETS)
-    i = (r + dr) * GRID + c + dc
-    colour, shape = code_name(grid[i])
-    if rng.random() < 0.5:
-        shape = rng.choice([s for s in SHAPES if s != shape])
-    else:
-        colour = rng.choice([x for x in COLOURS if x != colour])
-    grid[i] = code_of(colour, shape)
+    colour = rng.choice([x for x in COLOURS if x != code_name(concept.sprite[0])[0]])
+    for dr, dc in SPRITE_OFFSETS:
+        i = (r + dr) * GRID + c + dc
+        grid[i] = code_of(colour, code_name(grid[i])[1])
     return torch.tensor(grid)
 
 
@@ -320,11 +339,12 @@ def _ask(concept, q):
 
 
 def recognition_task(concept, pool, rng):
-    """Half negatives; two thirds of those (all when pool has no other concept) are hard."""
+    """Half negatives: two thirds of those (all when pool has no concept of another colour) are the
+    concept recoloured, the rest another concept of another colour."""
     image, _ = posed_scene(concept, rng, with_carry=rng.random() < 0.5)
     negative = None
     if rng.random() < 0.5:
-        others = [o for o in pool if o.token != concept.token]
+        others = [o for o in pool if code_name(o.sprite[0])[0] != code_name(concept.sprite[0])[0]]
         negative = "other" if others and rng.random() < 1 / 3 else "hard"
         image = (posed_scene(rng.choice(others), rng)[0] if negative == "other"
                  else hard_negative(concept, image, rng))
@@ -345,17 +365,17 @@ def textqa_task(concept, fact):
 def gen_task(concept, region, rng):
     return Task("gen", concept, GEN.format(tok=concept.token, region=region),
                 GEN_REASON.format(tok=concept.token, region=region),
-                target=make_scene(concept, rng, region=region, distractors=0),
-                meta={"region": region})
+                target=make_scene(concept, rng, distractors=0, pos=DRAW_POS[region]),
+                meta={"region": region, "pos": DRAW_POS[region]})
 
 
 def kgen_task(concept, fact, rng):
     corner = fact == "corner"
-    target = make_scene(concept, rng, with_hat=fact == "hat", with_carry=fact == "carry",
-                        distractors=0, pos=CORNER_POS[concept.corner] if corner else None)
+    pos = DRAW_POS[concept.corner if corner else UNPLACED]
+    target = make_scene(concept, rng, with_hat=fact == "hat", with_carry=fact == "carry", distractors=0, pos=pos)
     return Task("kgen", concept, KGEN[fact].format(tok=concept.token),
                 concept.facts[FACT_KINDS.index(fact)], target=target,
-                meta={"fact": fact} | ({"region": concept.corner} if corner else {}))
+                meta={"fact": fact, "pos": pos} | ({"region": concept.corner} if corner else {}))
 
 
 def anonymize(concepts, n_ids, rng):
@@ -425,10 +445,34 @@ def knowledge_score(task, codes):
     position, 0.5 elsewhere in the corner's quadrant."""
     if task.kind != "kgen":
         raise ValueError(f"knowledge_score is for kgen tasks, not {task.kind}")
-    concept, grid, fact = task.concept, _as_list(codes), task.meta["fact"]
-    score, pos = find_sprite(concept, grid)
-    if score < 0.75:
-        return 0.0
+    grid = _as_list(codes)
+    score, pos = find_sprite(task.concept, grid)
+    return _fact_credit(task, grid, pos) if score >= 0.75 else 0.0
+
+
+def sprite_at(concept, codes, pos):
+    """Share of the concept's 4 sprite cells drawn exactly with the top-left cell at pos."""
+    grid = _as_list(codes)
+    return sum(_cell(grid, pos, off) == code for off, code in zip(SPRITE_OFFSETS, concept.sprite)) / 4
+
+
+def alignment_graded(task, codes):
+    """Partial-credit alignment for RL: identity at the requested placement (task.meta["pos"]), so a
+    drawing with 3 of 4 cells in place earns 0.75 where the exact alignment_score gives 0."""
+    return sprite_at(task.concept, codes, task.meta["pos"])
+
+
+def knowledge_graded(task, codes):
+    """Partial-credit knowledge for RL: the fact's credit at the best placement (as knowledge_score,
+    1 / 0.5 / 0) times the share of the sprite found there, with no all-or-nothing sprite gate."""
+    if task.kind != "kgen":
+        raise ValueError(f"knowledge_graded is for kgen tasks, not {task.kind}")
+    score, pos = find_sprite(task.concept, codes)
+    return score * _fact_credit(task, _as_list(codes), pos)
+
+
+def _fact_credit(task, grid, pos):
+    concept, fact = task.concept, task.meta["fact"]
     if fact == "corner":
         if pos == CORNER_POS[concept.corner]:
             return 1.0
@@ -570,7 +614,8 @@ def _write_test_dir(folder, concept, others, rng):
         image, qa = posed_scene(concept, rng)
         if i >= 3:
             qa = {"recognition": "no"}
-            image = (posed_scene(rng.choice(others), rng)[0] if i == 5 and others
+            other = [o for o in others if code_name(o.sprite[0])[0] != code_name(concept.sprite[0])[0]]
+            image = (posed_scene(rng.choice(other), rng)[0] if i == 5 and other
                      else hard_negative(concept, image, rng))
         _write(folder / f"{i}.png", image)
         entries += [{"image": f"{i}.png", "question": _ask(concept, q), "answer": a}
@@ -745,25 +790,29 @@ DRAW = "draw {tok}"  # mode u's drawing request: the place comes from the answer
 
 
 def draw_after_answer(task):
-    """Mode u: after answering a question about an image, draw the concept where it stood in that
-    image, conditioned on the answer (a correct "where" answer tells the place)."""
-    _, pos = find_sprite(task.concept, task.image)
+    """Mode u: after answering a question about an image, draw the concept conditioned on the answer:
+    in the region where it stood after a "where" question (a correct answer tells the place), else at
+    the unplaced default."""
+    region = region_of(find_sprite(task.concept, task.image)[1]) if task.meta.get("q") == "where" else UNPLACED
+    pos = DRAW_POS[region]
     target = make_scene(task.concept, random.Random(0), distractors=0, pos=pos)
     return Task("gen", task.concept, DRAW.format(tok=task.concept.token), task.answer, target=target,
-                meta={"region": region_of(pos)})
+                meta={"region": region, "pos": pos})
 
 
 def save_grid(path, images, captions, cols=4, scale=2):
-    """PNG grid of images with their captions underneath (wrapped), for eyeballing samples."""
+    """PNG grid of images (any width, e.g. a target beside a drawing) with their captions underneath
+    (wrapped), for eyeballing samples."""
     from PIL import ImageDraw
-    w = GRID * CELL * scale
-    wrap = lambda s: [s[i:i + 26] for i in range(0, len(s), 26)][:6]
+    w, h = (max(i.width for i in images) * scale, max(i.height for i in images) * scale) if images else (1, 1)
+    chars = max(26, w // 6)
+    wrap = lambda s: [s[i:i + chars] for i in range(0, len(s), chars)][:6]
     cap_h = 6 * 11 + 4
     rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (w + 8), max(1, rows) * (w + cap_h)), "white")
+    sheet = Image.new("RGB", (cols * (w + 8), max(1, rows) * (h + cap_h)), "white")
     pen = ImageDraw.Draw(sheet)
     for i, (img, cap) in enumerate(zip(images, captions)):
-        x, y = (i % cols) * (w + 8), (i // cols) * (w + cap_h)
-        sheet.paste(img.resize((w, w), Image.NEAREST), (x, y))
-        pen.multiline_text((x, y + w + 2), "\n".join(wrap(cap)), fill="black")
+        x, y = (i % cols) * (w + 8), (i // cols) * (h + cap_h)
+        sheet.paste(img.resize((img.width * scale, img.height * scale), Image.NEAREST), (x, y))
+        pen.multiline_text((x, y + h + 2), "\n".join(wrap(cap)), fill="black")
     _write(Path(path), sheet)

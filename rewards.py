@@ -72,13 +72,15 @@ def identity(rollouts, ctx):
 
 
 def alignment(rollouts, ctx):
-    """CLIP-T analogue: the requested placement is respected."""
-    return _per_image(lambda r: data.alignment_score(r.gen, r.codes), rollouts)
+    """CLIP-T analogue, graded: share of the sprite drawn at the requested placement. (The held-out
+    metric stays the exact data.alignment_score: a binary reward the base never earns gives no signal.)"""
+    return _per_image(lambda r: data.alignment_graded(r.gen, r.codes), rollouts)
 
 
 def knowledge(rollouts, ctx):
-    """Knowledge-driven generation: the needed extra fact is drawn (0 / 0.5 / 1); 0 for plain requests."""
-    return _per_image(lambda r: data.knowledge_score(r.gen, r.codes) if r.gen.kind == "kgen" else 0.0, rollouts)
+    """Knowledge-driven generation, graded: the fact's credit (1 / 0.5 / 0) at the best placement times
+    the share of the sprite there; 0 for plain requests (held-out metric: exact data.knowledge_score)."""
+    return _per_image(lambda r: data.knowledge_graded(r.gen, r.codes) if r.gen.kind == "kgen" else 0.0, rollouts)
 
 
 def plausibility(rollouts, ctx):
@@ -202,6 +204,14 @@ WORLD_ONLY = ("identity", "alignment", "knowledge", "plausibility")  # exact che
 REAL_ONLY = {"clip_i": "clip", "clip_t": "clip", "dino": "dino", "judge": "judge"}  # reward -> the scorer it needs
 
 
+def applies(name, rollout):
+    """Is reward `name` defined for this rollout? Text rewards need a text, image rewards a drawing, and
+    knowledge a knowledge request; elsewhere a reward is a constant 0, which says nothing about learning."""
+    if name in TEXT:
+        return rollout.text is not None
+    return rollout.codes is not None and rollout.gen is not None and (name != "knowledge" or rollout.gen.kind == "kgen")
+
+
 def ensemble(rollouts, weights, ctx):
     """(R_text [n], R_img [n], components {name: [n]}): R_i = sum_k w_k * r_k(rollout_i), text and
     image parts kept apart for split advantages. A reward that raises or gives NaN stops the run."""
@@ -229,4 +239,4 @@ def ensemble(rollouts, weights, ctx):
 def preview_score(gens, codes):
     """The cheap DGS scorer on a preview: 0.65 identity + 0.35 alignment, the released CLIP mix
     (0.65 image-to-reference + 0.35 image-to-prompt) with our exact analogues."""
-    return [0.65 * data.identity_score(g.concept, c) + 0.35 * data.alignment_score(g, c) for g, c in zip(gens, codes)]
+    return [0.65 * data.identity_score(g.concept, c) + 0.35 * data.alignment_graded(g, c) for g, c in zip(gens, codes)]

@@ -154,26 +154,58 @@ def test_plausibility():
     assert data.plausibility(torch.full((64,), RED_CIRCLE)) == 0.0
 
 
-def test_hard_negative_changes_exactly_one_sprite_cell():
-    same = set()
+def test_hard_negative_recolours_the_sprite():
+    colours = set()
+    red_robot = Concept("<c7>", "robot", [code_of("red", s) for s in data.class_shapes("robot")], "blue",
+                        ("green", "cross"), "top left")  # a world sprite: one colour
     for seed in range(20):
         rng = random.Random(seed)
-        scene = data.make_scene(C7, rng, with_hat=True)
-        negative = data.hard_negative(C7, scene, rng)
-        (i,) = (negative != scene).nonzero().flatten().tolist()
-        before, after = data.code_name(scene[i]), data.code_name(negative[i])
-        same.add((before[0] == after[0], before[1] == after[1]))  # (same colour, same shape)
-        assert identity_score(C7, negative) == 0.75
-    assert same == {(True, False), (False, True)}  # shape or colour changes, never both
+        scene = data.make_scene(red_robot, rng, with_hat=True)
+        negative = data.hard_negative(red_robot, scene, rng)
+        changed = (negative != scene).nonzero().flatten().tolist()
+        _, (r, c) = find_sprite(red_robot, scene)
+        assert changed == sorted((r + dr) * GRID + c + dc for dr, dc in data.SPRITE_OFFSETS)
+        new = {data.code_name(negative[i])[0] for i in changed}
+        assert len(new) == 1 and "red" not in new  # one other colour for all four cells
+        assert [data.code_name(negative[i])[1] for i in changed] == [data.code_name(scene[i])[1] for i in changed]
+        colours |= new
+        assert identity_score(red_robot, negative) < 1.0  # a stray distractor may match one cell
+    assert len(colours) > 2
     world = data.make_world(0, n_train=6, n_test=0)
     tasks = data.make_tasks(world, ["recognition"], 200, seed=1)
     negatives = [t.meta["negative"] for t in tasks]
     assert 60 < negatives.count(None) < 140
     assert negatives.count("hard") >= negatives.count("other") > 0
+    colour = lambda concept: data.code_name(concept.sprite[0])[0]
     for task in tasks:
         assert (task.answer == "yes") == (identity_score(task.concept, task.image) == 1.0)
-        if task.meta["negative"] == "hard":
-            assert task.answer == "no" and identity_score(task.concept, task.image) == 0.75
+        if task.meta["negative"]:  # a negative never shows a 2x2 block in the concept's colour
+            cells = [data.code_name(x)[0] if x else None for x in task.image.tolist()]
+            assert not any(all(cells[(r + dr) * GRID + c + dc] == colour(task.concept) for dr, dc in data.SPRITE_OFFSETS)
+                           for r in range(GRID - 1) for c in range(GRID - 1))
+
+
+def test_drawing_requests_fix_the_placement():
+    rng = random.Random(0)
+    for region in data.REGIONS:
+        task = data.gen_task(C7, region, rng)
+        assert task.meta["pos"] == data.CORNER_POS[region] and find_sprite(C7, task.target) == (1.0, data.CORNER_POS[region])
+    for fact in data.FACT_KINDS:
+        task = data.kgen_task(C7, fact, rng)
+        want = data.CORNER_POS[C7.corner if fact == "corner" else "top left"]
+        assert task.meta["pos"] == want and find_sprite(C7, task.target) == (1.0, want)
+    for q, region in (("where", None), ("hat", "top left")):
+        vqa = data.vqa_task(C7, q, rng)
+        after = data.draw_after_answer(vqa)
+        region = region or vqa.answer
+        assert after.meta == {"region": region, "pos": data.CORNER_POS[region]}
+
+
+def test_random_concepts_are_distinct_and_use_the_identifier_range():
+    concepts = data.random_concepts(40, 50, random.Random(3))
+    assert len({tuple(c.sprite) for c in concepts}) == len({c.token for c in concepts}) == 40
+    assert all(0 <= int(c.name[1:]) < 50 for c in concepts)
+    assert concepts == data.random_concepts(40, 50, random.Random(3))
 
 
 def test_scene_layout_and_isolated_distractors():

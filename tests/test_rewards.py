@@ -22,7 +22,7 @@ def grid(pos=(1, 1), hat=None, sprite=None):
 
 
 def kgen_hat():
-    return data.Task("kgen", C, "draw <c0> wearing its hat", C.facts[0], meta={"fact": "hat"})
+    return data.Task("kgen", C, "draw <c0> wearing its hat", C.facts[0], meta={"fact": "hat", "pos": (1, 1)})
 
 
 def test_char_bleu_hand_cases():
@@ -47,15 +47,35 @@ def test_image_rewards_hand_built():
     task = kgen_hat()
     good, wrong_hat, no_hat = grid(hat="purple"), grid(hat="red"), grid()
     one_off = grid(sprite=[C.sprite[0], C.sprite[1], C.sprite[2], data.code_of("red", "cross")], hat="purple")
-    rolls = [R.Rollout(task, task, "x", c) for c in (good, wrong_hat, no_hat, one_off)]
-    assert R.identity(rolls, {}) == [1.0, 1.0, 1.0, 0.75]
-    assert R.knowledge(rolls, {}) == [1.0, 0.5, 0.0, 1.0]
-    assert R.alignment(rolls, {}) == [1.0, 1.0, 1.0, 0.0]
-    gen = data.Task("gen", C, "draw <c0> in the bottom right", "", meta={"region": "bottom right"})
-    assert R.alignment([R.Rollout(gen, gen, "", grid((5, 5))), R.Rollout(gen, gen, "", grid())], {}) == [1.0, 0.5]
+    elsewhere = grid((5, 5), hat="purple")
+    rolls = [R.Rollout(task, task, "x", c) for c in (good, wrong_hat, no_hat, one_off, elsewhere)]
+    assert R.identity(rolls, {}) == [1.0, 1.0, 1.0, 0.75, 1.0]
+    # graded knowledge: the fact's credit (1 / 0.5 / 0) at the best placement x the share of the sprite there
+    assert R.knowledge(rolls, {}) == [1.0, 0.5, 0.0, 0.75, 1.0]
+    # graded alignment: the share of the sprite at the requested placement (the unplaced default, top left)
+    assert R.alignment(rolls, {}) == [1.0, 1.0, 1.0, 0.75, 0.0]
+    # the exact held-out checks of the same drawings
+    assert [data.knowledge_score(task, c) for c in (good, wrong_hat, no_hat, one_off, elsewhere)] == [1.0, 0.5, 0.0, 1.0, 1.0]
+    assert [data.alignment_score(task, c) for c in (good, one_off, elsewhere)] == [1.0, 0.0, 1.0]
+    gen = data.Task("gen", C, "draw <c0> in the bottom right", "", meta={"region": "bottom right", "pos": (6, 5)})
+    half = grid((6, 5), sprite=[C.sprite[0], C.sprite[1], data.code_of("red", "cross"), data.code_of("red", "cross")])
+    drawn = [grid((6, 5)), half, grid((5, 5)), grid()]
+    assert R.alignment([R.Rollout(gen, gen, "", c) for c in drawn], {}) == [1.0, 0.5, 0.0, 0.0]
+    assert [data.alignment_score(gen, c) for c in drawn] == [1.0, 0.0, 1.0, 0.5]
+    corner = data.Task("kgen", C, "draw <c0> in its favourite corner", C.facts[2], meta={"fact": "corner", "pos": (1, 1), "region": "top left"})
+    two = grid(sprite=[C.sprite[0], C.sprite[1], data.code_of("red", "cross"), data.code_of("red", "cross")])
+    assert R.knowledge([R.Rollout(corner, corner, "", c) for c in (grid(), grid((2, 2)), two, grid((5, 5)))], {}) == [1.0, 0.5, 0.5, 0.0]
     assert R.knowledge([R.Rollout(gen, gen, "", grid())], {}) == [0.0]  # plain requests carry no fact
     assert R.plausibility([R.Rollout(gen, gen, "", grid()), R.Rollout(gen, gen, "", torch.zeros(64, dtype=torch.long))], {}) == [1.0, 0.0]
     assert R.identity([R.Rollout(gen)], {}) == [0.0]  # no image drawn: no image reward
+
+
+def test_applies_marks_where_a_reward_is_defined():
+    hat, gen = kgen_hat(), data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left", "pos": (1, 1)})
+    drawn, text_only = R.Rollout(gen, gen, "x", grid()), R.Rollout(hat, None, "x", None)
+    assert [R.applies(n, drawn) for n in ("text_exact", "identity", "alignment", "knowledge")] == [True, True, True, False]
+    assert R.applies("knowledge", R.Rollout(hat, hat, "x", grid()))
+    assert [R.applies(n, text_only) for n in ("text_exact", "identity", "knowledge")] == [True, False, False]
 
 
 def test_cycle_reward_uses_the_policy_judge():
@@ -92,5 +112,5 @@ def test_nan_or_raising_reward_stops_with_its_name(monkeypatch):
 
 
 def test_preview_score():
-    gen = data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left"})
-    assert R.preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65 + 0.35 * 0.5)]
+    gen = data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left", "pos": (1, 1)})
+    assert R.preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65)]
