@@ -64,6 +64,40 @@ def effective_fraction(R):
     return 1.0 - zero_variance_groups(R).float().mean().item()
 
 
+def shuffle_within_groups(advantages, generator):
+    """The null run's advantages: {segment: [P, G]} -> the same, each group's rollouts permuted at
+    random (one permutation for every segment, so a rollout's text and image keep one partner). The same
+    multiset per group, the same compute and update sizes, but no link between a rollout and its own
+    reward: whatever a null run "gains" is what noise and the update alone produce."""
+    shape = next(iter(advantages.values())).shape
+    perm = torch.rand(shape, generator=generator).argsort(dim=1)
+    return {k: v.gather(1, perm.to(v.device)) for k, v in advantages.items()}
+
+
+def learnability(values, applies, success=1.0):
+    """Can GRPO learn from one reward component? values, applies: [P, G] (applies marks the rollouts
+    the component is defined for, e.g. knowledge only on knowledge requests). Over the groups where it
+    applies: mean; pass@1 = share of rollouts with full credit (>= success); pass@G = share of groups
+    with at least one; zero_var = share of groups whose values are all equal (they give no gradient).
+    pass@G close to pass@1 with many zero-variance groups means nothing to reinforce."""
+    groups = applies.all(dim=1)
+    v = values[groups]
+    if not len(v):
+        return dict(mean=float("nan"), pass1=float("nan"), passG=float("nan"), zero_var=float("nan"), groups=0)
+    hit = v >= success - 1e-6
+    return dict(mean=v.mean().item(), pass1=hit.float().mean().item(), passG=hit.any(1).float().mean().item(),
+                zero_var=zero_variance_groups(v).float().mean().item(), groups=len(v))
+
+
+def within_group_corr(x, y):
+    """Pearson correlation of x and y after removing each group's mean ([P, G] each): does the DGS
+    preview score rank a prompt's rollouts as their final rewards do? (Across prompts, difficulty alone
+    would correlate them.)"""
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    den = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
+    return (x * y).sum().item() / den.item() if den > 0 else float("nan")
+
+
 @dataclass
 class DGSState:
     tau: float = 0.5          # acceptance threshold on the preview score
@@ -104,7 +138,8 @@ def dgs_group(start, score, finish, G, cap, state, batch=None):
     If fewer than G beat tau, the best-scoring rejected previews fill the group (highest first),
     so it always ends after at most `cap` previews and always returns exactly G rollouts.
     Returns (finished, stats); stats = attempts, above (previews above tau, surplus included),
-    accepted (above tau and kept, <= G), filled (G - accepted), rho = above / attempts.
+    accepted (above tau and kept, <= G), filled (G - accepted), rho = above / attempts, scores (the
+    preview scores of the G finished rollouts, in order).
     tau is not changed here: the caller runs update_tau once per batch with the batch's rho
     (sum of `above` over sum of `attempts`).
     """
@@ -114,7 +149,7 @@ def dgs_group(start, score, finish, G, cap, state, batch=None):
         raise ValueError(f"DGS rollout cap ({cap}) must be >= group size G ({G}), "
                          "or the group could never be filled")
     per_round = batch or G
-    accepted, rejected = [], []  # rejected holds (score, order, partial)
+    accepted, rejected = [], []  # accepted holds (score, partial); rejected (score, order, partial)
     attempts = above = 0
     while len(accepted) < G and attempts < cap:
         n = min(per_round, cap - attempts)
@@ -126,15 +161,15 @@ def dgs_group(start, score, finish, G, cap, state, batch=None):
             if s > state.tau:
                 above += 1
                 if len(accepted) < G:  # surplus from the last round is dropped, but still counted
-                    accepted.append(p)
+                    accepted.append((s, p))
             else:
                 rejected.append((s, attempts, p))
             attempts += 1
     n_acc = len(accepted)
     # fill with the best rejected previews; ties keep sampling order
     rejected.sort(key=lambda t: (-t[0], t[1]))
-    chosen = accepted + [p for _, _, p in rejected[:G - n_acc]]
-    finished = list(finish(chosen))
+    chosen = accepted + [(s, p) for s, _, p in rejected[:G - n_acc]]
+    finished = list(finish([p for _, p in chosen]))
     if len(finished) != G:
         raise ValueError(f"finish returned {len(finished)} rollouts for {G} partials")
     state.attempts += attempts
@@ -142,5 +177,5 @@ def dgs_group(start, score, finish, G, cap, state, batch=None):
     # rho counts every preview above tau, surplus included: that is the acceptance rate 1 - F(tau)
     # the controller steers (dropping the surplus would bias rho low by the stopping rule)
     stats = dict(attempts=attempts, above=above, accepted=n_acc, filled=G - n_acc,
-                 rho=above / attempts)
+                 rho=above / attempts, scores=[s for s, _ in chosen])
     return finished, stats

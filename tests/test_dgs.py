@@ -117,7 +117,7 @@ def test_never_accepting_stream_terminates_at_cap():
     start = lambda n: calls.append(n) or [0.0] * n
     out, st = dgs_group_checked(start, torch.tensor, lambda p: list(p), 4, 10, dgs.DGSState(), batch=3)
     assert calls == [3, 3, 3, 1]  # the last round is cut so attempts land exactly on cap
-    assert st == dict(attempts=10, above=0, accepted=0, filled=4, rho=0.0)
+    assert st == dict(attempts=10, above=0, accepted=0, filled=4, rho=0.0, scores=[0.0] * 4)
 
 
 def test_fill_takes_best_rejected_previews():
@@ -142,11 +142,13 @@ def test_order_counters_finish_once_and_state_dict():
     out, st = dgs.dgs_group(start, torch.tensor, finish, 3, 6, s, batch=2)
     assert finished == [[0.9, 0.7, 0.5]]  # once; accepted in order, then the best rejected
     assert out == [("done", 0.9), ("done", 0.7), ("done", 0.5)]
+    assert st.pop("scores") == pytest.approx([0.9, 0.7, 0.5])  # the finished rollouts' preview scores
     assert st == dict(attempts=6, above=2, accepted=2, filled=1, rho=2 / 6)
     # surplus: one round of 4 has 3 above tau; 2 are kept, but rho counts all 3
     scores = iter([0.6, 0.7, 0.8, 0.1])
     out, st = dgs.dgs_group(start, torch.tensor, finish, 2, 8, s, batch=4)
     assert len(finished) == 2 and finished[-1] == [0.6, 0.7]
+    assert st.pop("scores") == pytest.approx([0.6, 0.7])
     assert st == dict(attempts=4, above=3, accepted=2, filled=0, rho=0.75)
     assert (s.attempts, s.accepted, s.tau) == (10, 5, 0.5)  # counters add up; tau untouched
     with pytest.raises(ValueError, match="cap"):
@@ -155,3 +157,35 @@ def test_order_counters_finish_once_and_state_dict():
     d = s.state_dict()
     assert type(d) is dict and dgs.DGSState.from_dict(d) == s
     assert dgs.DGSState.from_dict(d).state_dict() == d
+
+
+def test_learnability_on_a_hand_built_batch():
+    # 4 groups of G = 3; the last group is not a knowledge request (applies False): it is left out
+    v = torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    applies = torch.tensor([[True] * 3, [True] * 3, [True] * 3, [False] * 3])
+    d = dgs.learnability(v, applies)
+    assert d["groups"] == 3
+    assert d["mean"] == pytest.approx(4.5 / 9)
+    assert d["pass1"] == pytest.approx(4 / 9)  # full credit only: 0.5 is no success
+    assert d["passG"] == pytest.approx(2 / 3)
+    assert d["zero_var"] == pytest.approx(2 / 3)  # all-0 and all-1 groups teach nothing
+    assert dgs.learnability(v, torch.zeros(4, 3, dtype=torch.bool))["groups"] == 0
+
+
+def test_within_group_correlation_ignores_prompt_difficulty():
+    # across prompts x and y rise together, within each prompt they are opposed: -1, not +1
+    x = torch.tensor([[0.0, 1.0], [10.0, 11.0]])
+    y = torch.tensor([[1.0, 0.0], [11.0, 10.0]])
+    assert dgs.within_group_corr(x, y) == pytest.approx(-1.0)
+    assert dgs.within_group_corr(x, x + 5) == pytest.approx(1.0)
+
+
+def test_null_advantages_keep_each_groups_multiset():
+    A = {"text": torch.randn(6, 8), "image": torch.randn(6, 8)}
+    B = dgs.shuffle_within_groups(A, torch.Generator().manual_seed(0))
+    for k in A:
+        assert torch.equal(A[k].sort(dim=1).values, B[k].sort(dim=1).values)
+        assert not torch.equal(A[k], B[k])
+    # one permutation for both segments: a rollout's text and image advantages move together
+    idx = (A["text"][:, :, None] == B["text"][:, None, :]).float().argmax(1)
+    assert torch.equal(A["image"].gather(1, idx), B["image"])
