@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 
-from eval import METRICS
+from eval import METRICS, plot
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEXT_OFF = ["--w-text-exact", "0", "--w-text-bleu", "0"]
@@ -266,42 +266,6 @@ def claims(res):
                    + f". Rule: more wins than losses against both. Reproduces: {'yes' if ok else 'no'}.")
     head = f"Means over seeds {res['config']['seeds']} on the held-out concepts; wins/losses compare means, ties count neither.\n\n"
     return head + "\n".join(out) + "\n"
-
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def plot(path, series, xlabel, ylabel):
-    """Line chart with pillow only: series {name: (xs, ys)}, a framed plot with 5 ticks per axis, legend at right."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 820, 440, 70, 170, 20, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for s in series.values() for x in s[0]] or [0, 1]
-    ys = [y for s in series.values() for y in s[1]] or [0, 1]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for i in range(5):
-        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        d.line([px(x), H - B, px(x), H - B + 5], fill="black")
-        d.text((px(x) - 12, H - B + 8), f"{x:.4g}", fill="black")
-        d.line([L - 5, py(y), L, py(y)], fill="black")
-        d.text((L - 50, py(y) - 6), f"{y:.3f}", fill="black")
-    d.text(((W - R + L) / 2 - 40, H - 20), xlabel, fill="black")
-    d.text((5, 3), ylabel, fill="black")
-    for k, (name, (sx, sy)) in enumerate(series.items()):
-        c = COLORS[k % len(COLORS)]
-        if len(sx) > 1:
-            d.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=c, width=2)
-        for x, y in zip(sx, sy):
-            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
-        d.line([W - R + 10, T + 10 + 16 * k, W - R + 30, T + 10 + 16 * k], fill=c, width=3)
-        d.text((W - R + 35, T + 4 + 16 * k), name, fill="black")
-    img.save(path)
 
 
 def curves(runs, by_rollouts):

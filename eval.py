@@ -10,14 +10,17 @@ Yo'LLaVA reports it, so a constant "yes" or "no" scores 0.5 however unbalanced t
 alignment (CLIP-T analogue: the request's placement), knowledge-driven score (0 / 0.5 / 1), and
 reasoning accuracy (the stated fact is the right one).
 """
+import math
+
 import torch
 
 import data
 import model as M
 
 UNDERSTAND = ("recognition", "vqa", "textqa")
-METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "textqa",
-           "identity", "alignment", "knowledge", "reasoning"]
+METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "vqa_sampled", "textqa", "textqa_sampled",
+           "identity", "alignment", "knowledge", "reasoning", "reasoning_sampled"]
+GEN_METRICS = ("identity", "alignment", "knowledge")
 
 
 @torch.no_grad()
@@ -43,43 +46,137 @@ def batches(items, n):
         yield items[i:i + n]
 
 
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 @torch.no_grad()
 def evaluate(model, tok, tasks, args):
-    """Mean of every metric over the given tasks: greedy text; images sampled at --eval-temperature
-    from a fixed seed (argmax MaskGIT commits background everywhere first and draws near-empty images)."""
+    """Every metric over the given tasks: its mean, its standard error and its per-item scores (for
+    paired comparisons). Text greedy, and sampled at temperature 1 (--eval-draws samples per question);
+    each drawing request drawn --eval-draws times at --eval-temperature. Every sample comes from a fixed
+    seed, so two models are compared under the same sampling noise (argmax MaskGIT commits background
+    everywhere first and draws near-empty images, so drawings are always sampled). An item is a question
+    or a request: the mean over its samples, so the standard error counts prompts, not correlated draws."""
     model.eval()
-    scores = {k: [] for k in METRICS}
+    k = args.eval_draws
+    items = {m: [] for m in METRICS if m != "recognition"}
     und = [t for t in tasks if t.kind in UNDERSTAND]
     gen = [t for t in tasks if t.kind in ("gen", "kgen")]
+    device = model.lm_head.weight.device
     for chunk in batches(und, args.eval_batch):
-        texts = answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)[0]
-        for t, text in zip(chunk, texts):
+        prompts = [data.understanding_prompt(tok, t) for t in chunk]
+        texts = answer(model, tok, prompts, args.max_text)[0]
+        g = torch.Generator(device).manual_seed(1)
+        sampled = answer(model, tok, [p for p in prompts for _ in range(k)], args.max_text, 1.0, g)[0]
+        for i, (t, text) in enumerate(zip(chunk, texts)):
             ok = data.answer_correct(t, text)
             if t.kind == "recognition":
-                scores["recognition_neg" if t.answer == "no" else "recognition_pos"].append(ok)
+                items["recognition_neg" if t.answer == "no" else "recognition_pos"].append(ok)
             else:
-                scores[t.kind].append(ok)
-    for chunk in batches(gen, args.eval_batch):
-        texts, toks, _, valid = answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)
-        prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(text)) for t, text in zip(chunk, texts)]
-        g = torch.Generator(model.lm_head.weight.device).manual_seed(0)  # sampled, yet the same every call
-        codes = draw(model, tok, prompts, args, args.eval_temperature, g)["codes"]
-        for t, text, c in zip(chunk, texts, codes):
-            scores["identity"].append(data.identity_score(t.concept, c))
-            scores["alignment"].append(data.alignment_score(t, c))
+                items[t.kind].append(ok)
+                items[t.kind + "_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
+    for chunk in batches(gen, max(1, args.eval_batch // k)):
+        prompts = [data.understanding_prompt(tok, t) for t in chunk]
+        texts = answer(model, tok, prompts, args.max_text)[0]
+        g = torch.Generator(device).manual_seed(1)
+        sampled = answer(model, tok, [p for p in prompts for _ in range(k)], args.max_text, 1.0, g)[0]
+        draw_prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
+        g = torch.Generator(device).manual_seed(0)
+        codes = draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
+        for i, (t, text) in enumerate(zip(chunk, texts)):
+            drawn = codes[i * k:(i + 1) * k]
+            items["identity"].append(mean(data.identity_score(t.concept, c) for c in drawn))
+            items["alignment"].append(mean(data.alignment_score(t, c) for c in drawn))
             if t.kind == "kgen":
-                scores["knowledge"].append(data.knowledge_score(t, c))
-                scores["reasoning"].append(data.answer_correct(t, text))
-    res = {k: (sum(v) / len(v) if v else float("nan")) for k, v in scores.items()}
+                items["knowledge"].append(mean(data.knowledge_score(t, c) for c in drawn))
+                items["reasoning"].append(data.answer_correct(t, text))
+                items["reasoning_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
+    res = {m: mean(v) for m, v in items.items()}
     res["recognition"] = (res["recognition_pos"] + res["recognition_neg"]) / 2
+    res["se"] = {m: stderr(v) for m, v in items.items()}
+    res["se"]["recognition"] = 0.5 * math.hypot(res["se"]["recognition_pos"], res["se"]["recognition_neg"])
+    res["items"] = items
     return res
 
 
-def table(columns):
-    """Markdown table: one row per metric, one column per named result dict."""
+def stderr(xs):
+    """Standard error of the mean of xs (nan for fewer than 2)."""
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def paired_gain(before, after, metric):
+    """(gain, standard error) of after - before on one metric, paired item by item (the same questions
+    under the same sampling noise). Recognition's weighted accuracy pairs its two halves separately."""
+    if metric == "recognition":
+        parts = [paired_gain(before, after, m) for m in ("recognition_pos", "recognition_neg")]
+        return (parts[0][0] + parts[1][0]) / 2, 0.5 * math.hypot(parts[0][1], parts[1][1])
+    if metric not in before.get("items", {}):  # a figure without items (the held-out reward's mean only)
+        return after[metric] - before[metric], float("nan")
+    d = [a - b for a, b in zip(after["items"][metric], before["items"][metric])]
+    return mean(d), stderr(d)
+
+
+def rows(res):
+    """The metrics a result holds, in table order (the held-out reward last, when measured)."""
+    return [m for m in METRICS + ["reward"] if m in res]
+
+
+def table(columns, title=None):
+    """Markdown table: one row per metric, one column per named result dict (mean ± standard error)."""
     names = list(columns)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in METRICS:
-        lines.append(f"| {k} | " + " | ".join(f"{columns[n][k]:.3f}" for n in names) + " |")
+    lines = ([f"### {title}", ""] if title else []) + ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in rows(columns[names[0]]):
+        cells = [f"{columns[n][k]:.3f}" + (f" ± {columns[n]['se'][k]:.3f}" if k in columns[n].get("se", {}) else "") for n in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+def gain_table(before, after, title=None):
+    """Markdown table: base, after RL and the paired gain ± its standard error, per metric."""
+    lines = ([f"### {title}", ""] if title else []) + ["| metric | base | RL | gain ± s.e. |", "|---|---|---|---|"]
+    for k in rows(after):
+        gain, se = paired_gain(before, after, k)
+        lines.append(f"| {k} | {before[k]:.3f} | {after[k]:.3f} | {gain:+.3f} ± {se:.3f} |")
+    return "\n".join(lines)
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot(path, series, xlabel, ylabel):
+    """Line chart with pillow only: series {name: (xs, ys)}, a framed plot with 5 ticks per axis, legend at right."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 820, 440, 70, 170, 20, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for s in series.values() for x in s[0]] or [0, 1]
+    ys = [y for s in series.values() for y in s[1]] or [0, 1]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(5):
+        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        d.line([px(x), H - B, px(x), H - B + 5], fill="black")
+        d.text((px(x) - 12, H - B + 8), f"{x:.4g}", fill="black")
+        d.line([L - 5, py(y), L, py(y)], fill="black")
+        d.text((L - 50, py(y) - 6), f"{y:.3f}", fill="black")
+    d.text(((W - R + L) / 2 - 40, H - 20), xlabel, fill="black")
+    d.text((5, 3), ylabel, fill="black")
+    for k, (name, (sx, sy)) in enumerate(series.items()):
+        c = COLORS[k % len(COLORS)]
+        if len(sx) > 1:
+            d.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=c, width=2)
+        for x, y in zip(sx, sy):
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
+        d.line([W - R + 10, T + 10 + 16 * k, W - R + 30, T + 10 + 16 * k], fill=c, width=3)
+        d.text((W - R + 35, T + 4 + 16 * k), name, fill="black")
+    img.save(path)

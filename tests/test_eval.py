@@ -1,6 +1,8 @@
 """Held-out metrics on hand-built answers: recognition is the weighted (class-balanced) accuracy."""
 import argparse
 
+import torch
+
 import data
 import eval as E
 
@@ -16,7 +18,7 @@ def fake_tasks(monkeypatch):
 
 def test_constant_answer_scores_half_on_recognition(monkeypatch):
     tasks = fake_tasks(monkeypatch)
-    args = argparse.Namespace(eval_batch=16, max_text=4)
+    args = argparse.Namespace(eval_batch=16, max_text=4, eval_draws=2)
     for const in ("yes", "no"):
         monkeypatch.setattr(E, "answer", lambda model, tok, prompts, *a, **k: ([const] * len(prompts),))
         res = E.evaluate(_Dummy(), None, tasks, args)
@@ -27,10 +29,12 @@ def test_constant_answer_scores_half_on_recognition(monkeypatch):
 def test_perfect_answers_score_one(monkeypatch):
     tasks = fake_tasks(monkeypatch)
     monkeypatch.setattr(E, "answer", lambda model, tok, prompts, *a, **k: ([t.answer for t in prompts],))
-    res = E.evaluate(_Dummy(), None, tasks, argparse.Namespace(eval_batch=16, max_text=4))
+    res = E.evaluate(_Dummy(), None, tasks, argparse.Namespace(eval_batch=16, max_text=4, eval_draws=2))
     assert res["recognition"] == res["recognition_pos"] == res["recognition_neg"] == 1.0
 
 
 class _Dummy:
+    lm_head = torch.nn.Linear(1, 1)
+
     def eval(self):
         return self
