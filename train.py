@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -82,7 +83,10 @@ def get_args(argv=None):
     a("--eps-high", type=float, default=0.0, help="clip epsilon upper side (0 = same as --eps; DAPO uses 0.28)")
     a("--beta", type=float, default=0.01, help="k3 KL weight to the frozen base (0 = no reference forward)")
     a("--adv", default="batchstd", choices=list(dgs.ADVANTAGE_MODES), help="advantage scaling: std (GRPO), nostd (Dr. GRPO), batchstd")
-    a("--split-adv", action="store_true", help="text tokens get the text-reward advantage, image tokens the image-reward one")
+    a("--credit", default="causal", choices=["joint", "split", "causal"],
+      help="which reward each segment's advantage comes from: joint (both: text+image reward), split (text: text reward, "
+           "image: image reward), causal (text: text+image reward, image: image reward)")
+    a("--null-adv", action="store_true", help="null run: shuffle advantages within each group (same compute, no learning signal)")
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
     a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
@@ -95,6 +99,7 @@ def get_args(argv=None):
     a("--dgs-cap", type=int, default=32, help="max previews per group before filling with the best (int)")
     a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
     a("--dgs-target", type=float, default=0.25, help="target acceptance rate of previews")
+    a("--diag-prompts", type=int, default=16, help="prompts (x G rollouts) of the base's learnability diagnostics before RL (0 = skip)")
     a("--drop-zero-var", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are all equal")
     a("--eval-base", type=int, default=1, choices=[0, 1], help="RL: evaluate the base before training (1) or skip it (0)")
     a("--sample-every", type=int, default=20, help="RL steps between PNG grids of rollouts (int)")
@@ -103,6 +108,8 @@ def get_args(argv=None):
     # evaluation / sampling
     a("--eval-batch", type=int, default=64, help="prompts per sampling batch in evaluation (int)")
     a("--eval-temperature", type=float, default=1.0, help="image sampling temperature in evaluation (fixed seed)")
+    a("--eval-draws", type=int, default=4, help="drawings per held-out request and temperature-1 answers per question (int)")
+    a("--eval-reward-prompts", type=int, default=24, help="held-out prompts (x G rollouts) for the held-out mean reward, the RL objective (0 = skip)")
     a("--max-text", type=int, default=12, help="max new text tokens per answer (int)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     # a real model: Show-o + MAGVIT-v2 + a UnifyBench folder (--data-dir), every part from a local folder
@@ -354,7 +361,7 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     while step < args.iters:
         # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
         rng = random.Random(f"{args.seed}/{rank}/{step}")
-        concepts = data.anonymize(world.train, len(world.concepts), rng)
+        concepts = data.random_concepts(args.batch, len(world.concepts), rng)
         tasks = data.make_tasks(concepts, kinds, args.batch, seed=rng.randrange(2**31))
         # half the VQA questions become mode-u drawings: draw the concept from the answer just given
         tasks = [data.draw_after_answer(t) if t.kind == "vqa" and rng.random() < 0.5 else t for t in tasks]
@@ -508,17 +515,36 @@ def collect(model, tok, world, args, rank, step, dgs_state):
     r_text, r_img, comps = rewards.ensemble(rolls, weights, ctx)
     batch = cat_rows(parts)
     batch.update(r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
-                 text_prompts=[data.understanding_prompt(tok, t) for t in tasks for _ in range(args.group)] if parts[0]["toks"] is not None else None)
+                 text_prompts=[data.understanding_prompt(tok, t) for t in tasks for _ in range(args.group)] if parts[0]["toks"] is not None else None,
+                 preview=torch.tensor([s["scores"] for s in stats]) if stats else None)
     timing = dict(t_rollout=t1 - t0, t_reward=time.time() - t1)
     if stats:
-        att, above = sum(s["attempts"] for s in stats), sum(s["above"] for s in stats)
-        if dist.is_initialized():  # one tau for all ranks: the acceptance rate of the global batch
-            t = torch.tensor([att, above], dtype=torch.float64, device=dev)
-            dist.all_reduce(t)
-            att, above = t.tolist()
-        timing.update(dgs_rho=above / att, dgs_attempts_per_rollout=att / (len(stats) * args.group), dgs_tau=dgs_state.tau)
-        dgs.update_tau(dgs_state, above / att)
+        timing.update(dgs_attempts=sum(s["attempts"] for s in stats), dgs_above=sum(s["above"] for s in stats))
     return batch, rolls, timing
+
+
+def diagnostics(batch, rolls, G):
+    """Learnability of each reward component on one batch (dgs.learnability), the total reward's share
+    of zero-variance groups, and the preview / final-reward correlation when previews were scored."""
+    out = {}
+    for name, v in batch["comps"].items():
+        applies = torch.tensor([rewards.applies(name, r) for r in rolls]).view(-1, G)
+        out[name] = dgs.learnability(v.view(-1, G), applies)
+    R = batch["r_text"] + batch["r_img"]
+    out["total"] = dgs.learnability(R, torch.ones_like(R, dtype=torch.bool), success=float("inf"))
+    if batch.get("preview") is not None:
+        out["total"]["preview_corr"] = dgs.within_group_corr(batch["preview"].float(), R)
+    return out
+
+
+def diagnostics_table(d):
+    """Markdown table of diagnostics(): one row per reward component."""
+    lines = ["| reward | groups | mean | pass@1 | pass@G | zero-variance groups |", "|---|---|---|---|---|---|"]
+    for name, v in d.items():
+        lines.append(f"| {name} | {v['groups']} | {v['mean']:.3f} | {v['pass1']:.3f} | {v['passG']:.3f} | {v['zero_var']:.2f} |")
+    if "preview_corr" in d.get("total", {}):
+        lines.append(f"\nDGS preview / final reward, within-prompt correlation: {d['total']['preview_corr']:.3f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- Sync-GRPO: the loss
@@ -590,12 +616,26 @@ def old_logprobs(batch, key):
     return batch["lp"] if key == "text" else batch["img"]["logprobs"]
 
 
+def advantages(batch, args, F, step):
+    """Per-segment advantages {"text": [P*G], "image": [P*G]} under --credit: joint (both segments
+    share the whole trajectory's reward), split (each its own modality's reward) or causal (image
+    tokens by the image reward, which only they affect; text tokens by the whole reward, since the
+    drawing depends on the reasoning). --null-adv shuffles them within groups: same compute, no signal."""
+    R_text, R_img = batch["r_text"], batch["r_img"]
+    text_R = R_text if args.credit == "split" else R_text + R_img
+    img_R = R_img if args.credit in ("split", "causal") else R_text + R_img
+    A = {"text": F["advantages"](text_R, args.adv), "image": F["advantages"](img_R, args.adv)}
+    if args.null_adv:
+        A = dgs.shuffle_within_groups(A, torch.Generator().manual_seed(random.Random(f"null/{args.seed}/{step}").randrange(2**63)))
+    return A
+
+
 def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
     """mu optimizer updates on one rollout batch; returns the logged statistics."""
-    A_text = F["advantages"](batch["r_text"] + (0 if args.split_adv else batch["r_img"]), args.adv)
-    A_img = F["advantages"](batch["r_img"] + (0 if args.split_adv else batch["r_text"]), args.adv)
+    A = advantages(batch, args, F, step)
+    A_text, A_img = A["text"], A["image"]
     keep = ~dgs.zero_variance_groups(batch["r_text"] + batch["r_img"]) if args.drop_zero_var else None
-    adv = {"text": A_text.flatten(), "image": A_img.flatten()}
+    adv = {k: v.flatten() for k, v in A.items()}
     steps_sel = surprising_steps(batch.get("img"), args.steps, args.update_steps)
     ref_lp = {}
     if args.beta and ref is not None:  # beta = 0 skips the reference forward entirely
@@ -686,15 +726,27 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         set_rng_state(state["rng"])
         before = state["before"]
     if rank == 0 and before is None and args.eval_base and held_out:
-        before = E.evaluate(policy, tok, held_out, args)
+        before = held_out_eval(policy, tok, world, held_out, args)
     model = DDP(policy) if world_size > 1 else policy
     F = compiled(args)
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
     bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
     end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
+    if rank == 0 and step == 0 and args.diag_prompts:
+        with amp(args, device):
+            diag = base_diagnostics(policy, tok, world, args)
+        print(f"Learnability of the RL task mix for the base ({args.diag_prompts} prompts x G {args.group}, "
+              "training concepts):\n" + diagnostics_table(diag))
+        atomic_write(os.path.join(run_dir, "diagnostics.json"), json.dumps(diag, indent=1).encode())
     while step < end:
         with amp(args, device):
             batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
+        if "dgs_attempts" in row:  # DGS: tau moves once per batch, by the acceptance rate of the global batch
+            att, above = all_sum([row.pop("dgs_attempts"), row.pop("dgs_above")], device)
+            row.update(dgs_rho=above / att, dgs_attempts_per_rollout=att / (world_size * args.rollouts), dgs_tau=dgs_state.tau)
+            dgs.update_tau(dgs_state, above / att)
+        for name, d in diagnostics(batch, rolls, args.group).items():
+            row.update({f"r_{name}_{k}": v for k, v in d.items() if k != "groups"})
         t = time.time()
         with amp(args, device):
             row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
@@ -709,25 +761,82 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         if rank == 0 and (step % args.sample_every == 0 or step == args.rl_iters):
-            save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, args.group, getattr(world, "codec", data.WorldCodec()))
+            save_rollouts(os.path.join(run_dir, f"rollouts_{step:06d}.png"), rolls, R.flatten().tolist(), args.group,
+                          getattr(world, "codec", data.WorldCodec()))
         if rank == 0 and (step % args.ckpt_every == 0 or step == end):
             save_checkpoint(run_dir, step, policy, dict(stage="rl", args=vars(args)),
                             dict(opt=opt.state_dict(), sched=sched.state_dict(), dgs=dgs_state.state_dict(),
                                  rng=rng_state(), step=step, before=before), args.keep)
     bar.close()
+    if rank == 0 and step == args.rl_iters:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            by_step = {r["step"]: r for r in map(json.loads, f)}  # a resumed run's replayed steps: the last wins
+        plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), [by_step[k] for k in sorted(by_step)])
     if rank == 0 and step == args.rl_iters and held_out:
-        cols = ({"base": before} if before else {}) | {"sync-grpo": E.evaluate(policy, tok, held_out, args)}
-        print(E.table(cols))
+        after = held_out_eval(policy, tok, world, held_out, args)
+        title = "Held-out concepts: the base, after Sync-GRPO, and the paired gain"
+        print(E.gain_table(before, after, title) if before else E.table({"sync-grpo": after}, title))
+        cols = ({"base": before} if before else {}) | {"sync-grpo": after}
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(cols, indent=1).encode())
     return policy
 
 
-def save_rollouts(path, rolls, G, codec, n_groups=4):
-    """PNG grid of the first rollouts of a few groups: prompt, reasoning text, image."""
-    picked = [r for i, r in enumerate(rolls) if i % G < 4][:4 * n_groups]
+def all_sum(values, device):
+    """Sum of a few numbers over all ranks (themselves when not distributed)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def held_out_eval(policy, tok, world, held_out, args):
+    """UnifyBench-style held-out metrics (eval.evaluate) plus the held-out mean reward: the RL objective
+    itself on --eval-reward-prompts prompts of the run's task mix about held-out concepts, G rollouts
+    each, DGS off, from fixed seeds (the same for the base and the trained model: paired)."""
+    res = E.evaluate(policy, tok, held_out, args)
+    if args.eval_reward_prompts:
+        hargs = argparse.Namespace(**{**vars(args), "rollouts": args.eval_reward_prompts * args.group, "dgs": 0})
+        batch, _, _ = collect(policy, tok, data.World(world.test, [], world.seed), hargs, 0, -2, None)
+        per_prompt = (batch["r_text"] + batch["r_img"]).mean(1).tolist()
+        res["reward"], res["se"]["reward"], res["items"]["reward"] = E.mean(per_prompt), E.stderr(per_prompt), per_prompt
+    return res
+
+
+def base_diagnostics(policy, tok, world, args):
+    """Learnability of the RL task mix for the model as it is: --diag-prompts prompts x G rollouts on
+    training concepts, every drawing previewed and kept (tau = -inf), so the preview / final-reward
+    correlation is measured on unfiltered rollouts."""
+    n = args.diag_prompts * args.group
+    dargs = argparse.Namespace(**{**vars(args), "rollouts": n, "dgs": 1, "dgs_cap": args.group, "dgs_batch": args.group})
+    batch, rolls, _ = collect(policy, tok, world, dargs, 0, -1, dgs.DGSState(tau=-math.inf))
+    return diagnostics(batch, rolls, args.group)
+
+
+def save_rollouts(path, rolls, R, G, codec, n_groups=4):
+    """PNG grid of the first 4 rollouts of a few groups: the target (what was asked, drawn exactly) on the
+    left of each drawing, the request, the reasoning and the rollout's reward underneath."""
+    picked = [i for i in range(len(rolls)) if i % G < 4][:4 * n_groups]
     blank = torch.zeros(codec.grid ** 2, dtype=torch.long)  # no drawing: all code 0
-    images = codec.decode([r.codes if r.codes is not None else blank for r in picked])
-    data.save_grid(path, images, [f"{r.task.question} | {r.text or ''}" for r in picked])
+    images = []
+    for i in picked:
+        r = rolls[i]
+        drawn = codec.decode([r.codes if r.codes is not None else blank])[0]
+        target = r.gen.target if r.gen is not None and r.gen.target is not None else None
+        pair = Image.new("RGB", (2 * drawn.width + 2, drawn.height), "white")
+        if target is not None:
+            pair.paste(codec.decode([target])[0], (0, 0))
+        pair.paste(drawn, (drawn.width + 2, 0))
+        images.append(pair)
+    captions = [f"R {R[i]:.2f} | {rolls[i].task.question} | {rolls[i].text or ''}" for i in picked]
+    data.save_grid(path, images, captions, cols=4)
+
+
+def plot_rewards(path, rows):
+    """reward_vs_step.png: the training reward and each of its components, per RL step."""
+    names = ["reward"] + [f"r_{n}" for n in rewards.DEFAULT_WEIGHTS if f"r_{n}" in rows[0]]
+    steps = [r["step"] for r in rows]
+    E.plot(path, {n: (steps, [r[n] for r in rows]) for n in names}, "RL step", "training reward (components unweighted)")
 
 
 def run_eval(args):

@@ -181,3 +181,24 @@ def test_update_scores_the_steps_with_the_most_surprisal():
     assert T.surprising_steps(img, 4, 3) == [1, 2, 3]
     assert T.surprising_steps(img, 4, 0) == [0, 1, 2, 3]
     assert T.surprising_steps(None, 4, 2) == [0, 1, 2, 3]  # AR images have no steps
+
+
+@pytest.mark.parametrize("credit", ["joint", "split", "causal", "null"])
+def test_ratio_is_one_at_first_inner_update_for_every_advantage_mode(base, credit):
+    mode = ["--null-adv"] if credit == "null" else ["--credit", credit]
+    args, tok, policy, batch, _ = rl_batch(base, *mode, "--beta", "0")
+    opt, sched = T.rl_optimizer(policy, args)
+    stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+    assert stats["text_ratio_dev_first"] < 1e-5 and stats["image_ratio_dev_first"] < 1e-5
+
+
+def test_advantage_credit_modes_by_hand():
+    # one group of G = 2: the text reward favours rollout 0, the image reward rollout 1 (twice as much)
+    batch = {"r_text": torch.tensor([[1.0, 0.0]]), "r_img": torch.tensor([[0.0, 2.0]])}
+    sign = lambda credit: {k: torch.sign(v).flatten().tolist() for k, v in
+                           T.advantages(batch, T.get_args(["--credit", credit, "--adv", "nostd"]), T.FORMULAS, 0).items()}
+    assert sign("joint") == {"text": [-1, 1], "image": [-1, 1]}   # both by the total 1 vs 2
+    assert sign("split") == {"text": [1, -1], "image": [-1, 1]}   # each by its own modality
+    assert sign("causal") == {"text": [-1, 1], "image": [-1, 1]}  # text by the total, image by the image reward
+    A = T.advantages(batch, T.get_args(["--credit", "causal", "--adv", "nostd"]), T.FORMULAS, 0)
+    assert A["image"].tolist() == [[-1.0, 1.0]] and A["text"].tolist() == [[-0.5, 0.5]]
