@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
 import torch
@@ -132,6 +133,13 @@ def get_args(argv=None):
       help="gradient checkpointing: recompute each block's activations in backward; on in --preset showo")
     args = p.parse_args(argv)
     showo.apply_preset(p, args, argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every number flag's bounds, checked before any work: a bad value stops with p.error naming the
+    flag; a legal value that makes the run learn nothing gets a warning."""
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
               "rollouts", "group", "mu"):
         if getattr(args, k) <= 0:
@@ -143,7 +151,35 @@ def get_args(argv=None):
         p.error(f"--dgs-cap ({args.dgs_cap}) must be at least --group ({args.group})")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
-    return args
+    # a zero here would divide by zero after a full step of work
+    for k in ("log_every", "ckpt_every", "sample_every", "keep", "n_train_concepts", "n_test_concepts", "dgs_batch"):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("lr", "rl_lr", "warmup", "rl_warmup", "weight_decay", "grad_clip", "eps", "eps_high", "beta",
+              "w_text_loss", "w_image_loss", "eval_temperature", "stop_after", "update_steps", "chunk", "dgs_preview",
+              "concept_tokens", "threads"):
+        if getattr(args, k) < 0:
+            p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+    if not 0 <= args.p_uncond <= 1:
+        p.error(f"--p-uncond is a share of examples, in [0, 1]; got {args.p_uncond}")
+    if not 0 < args.dgs_target <= 1:
+        p.error(f"--dgs-target is an acceptance rate, in (0, 1]; got {args.dgs_target}")
+    if args.group < 2:
+        p.error(f"--group must be at least 2, got {args.group}: an advantage is a reward minus its group's mean, "
+                "so a group of one rollout has none")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}: at 0 the rollouts of a group are identical "
+                "(every advantage 0) and the scorer divides by it")
+    if args.resume and args.stage != "eval" and not has_ckpt(os.path.join(args.out_dir, args.stage)):
+        p.error(f"--resume: no checkpoint in {os.path.join(args.out_dir, args.stage)} (no `latest` file); "
+                "run without --resume to start this stage afresh")
+    lr = {"pretrain": "lr", "rl": "rl_lr"}.get(args.stage)
+    if lr and getattr(args, lr) == 0:
+        warn(f"--{lr.replace('_', '-')} 0: the optimizer steps leave the weights unchanged")
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -162,6 +198,19 @@ def setup_dist():
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class BadInput(Exception):
+    """A missing or damaged input file or folder; main prints its message (which names the file and what
+    was expected) as one line and exits 1. Anything else keeps its traceback: that is a bug."""
+
+
+def from_files(f, *a):
+    """f(*a) for data.py's readers of a world folder, whose errors on bad files name the file."""
+    try:
+        return f(*a)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(str(e)) from None
+
+
 def atomic_write(path, blob: bytes):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -176,9 +225,10 @@ def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
     tmp, final = os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(dict(meta, step=step, config=M.config_dict(model.cfg)), f, indent=1)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    shutil.copymode(os.path.join(tmp, "meta.json"), os.path.join(tmp, "model.safetensors"))  # save_file makes it 0600
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
@@ -187,6 +237,11 @@ def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("step_") and not d.endswith(".tmp"))
     for d in old[:-keep]:
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    for d in os.listdir(run_dir):  # leftovers of a killed save (this save's own are renamed by now)
+        if d.startswith("latest.tmp"):
+            os.remove(os.path.join(run_dir, d))
+        elif d.startswith("step_") and d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     return final
 
 
@@ -195,30 +250,66 @@ def resolve_ckpt(path):
         with open(os.path.join(path, "latest")) as f:
             path = os.path.join(path, f.read().strip())
     if not path or not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"checkpoint {path!r}: expected a folder with model.safetensors and meta.json "
-                                "(a step_XXXXXX folder) or a run folder with a `latest` file")
+        raise BadInput(f"checkpoint {path!r}: expected a folder with model.safetensors and meta.json "
+                       "(a step_XXXXXX folder) or a run folder with a `latest` file")
     return path
+
+
+def read_checkpoint(path, need_state=False):
+    """(folder, meta, weights, state or None) of a checkpoint, every file checked: a damaged one is a
+    BadInput naming it, rather than a library error (or NaNs that crash the sampler much later)."""
+    path = resolve_ckpt(path)
+    f = os.path.join(path, "meta.json")
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{f}: expected the checkpoint's metadata as JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("step"), int):
+        raise BadInput(f"{f}: expected a JSON object with 'step' and 'config' (the model's shape)")
+    f = os.path.join(path, "model.safetensors")
+    try:
+        weights = load_file(f)
+    except Exception as e:  # safetensors' own error type, whatever the damage
+        raise BadInput(f"{f}: expected a safetensors file of the model's weights ({e})") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BadInput(f"{f}: expected finite weights, but NaN or inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    f, state = os.path.join(path, "state.pt"), None
+    if os.path.isfile(f):
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated zip (RuntimeError), an empty file (EOFError), a pickle error...
+            raise BadInput(f"{f}: expected the optimizer state saved by torch.save "
+                           f"({type(e).__name__}: {str(e).split('. ')[0] or 'empty'})") from None
+    if need_state and not (isinstance(state, dict) and {"opt", "sched"} <= state.keys()):
+        raise BadInput(f"{f}: expected the optimizer and scheduler state (a dict with 'opt' and 'sched') to resume from")
+    return path, meta, weights, state
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # its message lists every mismatch, one per line after a header
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        raise BadInput(f"{os.path.join(path, 'model.safetensors')}: expected weights of this model's shape ({first})") from None
 
 
 def load_checkpoint(path, device="cpu"):
     """(model, meta, state or None) from a checkpoint folder or run folder."""
-    path = resolve_ckpt(path)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    model = M.UnifiedModel(M.Config(**meta["config"]))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    st = os.path.join(path, "state.pt")
-    state = torch.load(st, map_location="cpu", weights_only=False) if os.path.isfile(st) else None
+    path, meta, weights, state = read_checkpoint(path)
+    try:
+        model = M.UnifiedModel(M.Config(**meta["config"]))
+    except TypeError as e:
+        raise BadInput(f"{path}/meta.json: 'config' is not a model configuration ({e})") from None
+    load_weights(model, weights, path)
     return model.to(device), meta, state
 
 
 def restore(run_dir, model, opt, sched):
     """Load a run's latest weights, optimizer and scheduler in place; returns (step, saved state)."""
-    path = resolve_ckpt(run_dir)  # into the live model: no second copy of the weights is built
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    path, meta, weights, state = read_checkpoint(run_dir, need_state=True)
+    load_weights(model, weights, path)  # into the live model: no second copy of the weights is built
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     return meta["step"], state
@@ -238,8 +329,17 @@ def set_rng_state(s):
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def world_and_tokenizer(args):
-    world = data.ensure_world(args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
+def say(rank, msg):
+    """One console line on what the job is doing, from the first process only."""
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def world_and_tokenizer(args, rank=0):
+    made = os.path.isfile(os.path.join(args.data_dir, "world.json"))
+    world = from_files(data.ensure_world, args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
+    say(rank, f"world: {'read' if made else 'wrote the embedded world to'} {args.data_dir} (seed {world.seed}, "
+              f"{len(world.train)} training and {len(world.test)} held-out concepts)")
     return world, data.WordTokenizer(len(world.concepts))
 
 
@@ -276,8 +376,21 @@ def clip_and_step(model, opt, sched, args):
 
 
 class JsonLog:
-    def __init__(self, path, enabled):
-        self.f = open(path, "a") if enabled else None
+    def __init__(self, path, enabled, upto=0):
+        """Rows of steps after `upto` are dropped first: a resumed run logs again the steps it redoes
+        since its checkpoint, and a fresh run (upto 0) starts a fresh file; each step appears once."""
+        self.f = None
+        if enabled:
+            kept = []
+            for line in open(path) if os.path.isfile(path) else []:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the last line, cut by a kill
+                    continue
+                if row.get("step", 0) <= upto:
+                    kept.append(line.rstrip("\n") + "\n")
+            atomic_write(path, "".join(kept).encode())
+            self.f = open(path, "a")
 
     def __call__(self, row):
         if self.f:
@@ -343,21 +456,23 @@ def pretrain_loss(model, raw, tok, batch):
 
 
 def pretrain(args, rank=0, world_size=1, device="cpu"):
-    world, tok = world_and_tokenizer(args)
+    world, tok = world_and_tokenizer(args, rank)
     run_dir = os.path.join(args.out_dir, "pretrain")
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     raw = new_model(args, tok).to(device)
     opt, sched = make_optimizer(raw, args, args.iters)
-    step = 0
+    step, seconds = 0, 0.0
     if args.resume:
-        step, _ = restore(run_dir, raw, opt, sched)
+        step, state = restore(run_dir, raw, opt, sched)
+        seconds = state.get("seconds", 0.0)
+    say(rank, f"pretraining the base: {args.iters} steps{f' from step {step}' if step else ''} -> {run_dir}")
     model = DDP(raw) if world_size > 1 else raw
-    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
+    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0, step)
     kinds = ["recognition", "vqa", "textqa", "gen", "kgen"]
-    held_out = data.load_tasks(args.data_dir, "test")
+    held_out = from_files(data.load_tasks, args.data_dir, "test")
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="pretrain")
-    t0 = time.time()
+    t0 = time.time() - seconds  # `seconds` counts the training time of the steps logged, across resumes
     while step < args.iters:
         # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
         rng = random.Random(f"{args.seed}/{rank}/{step}")
@@ -377,15 +492,27 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):
             save_checkpoint(run_dir, step, raw, dict(stage="pretrain", args=vars(args)),
-                            dict(opt=opt.state_dict(), sched=sched.state_dict()), args.keep)
+                            dict(opt=opt.state_dict(), sched=sched.state_dict(), seconds=time.time() - t0), args.keep)
     bar.close()
     if rank == 0:
         gen = [t for t in held_out if t.kind in ("gen", "kgen")][:16]
         save_samples(os.path.join(run_dir, "samples.png"), raw, tok, gen, args)
-        res = E.evaluate(raw, tok, held_out, args)
-        print(E.table({"base": res}))
+        say(rank, f"evaluating the base on {len(held_out)} held-out tasks")
+        res = held_out_eval(raw, tok, world, held_out, args)
+        print("\n" + E.table({"base": res}, f"held-out concepts of {args.data_dir}, base after {step} pretraining steps"))
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=1).encode())
+        say(rank, outputs(run_dir))
     return raw
+
+
+def outputs(run_dir):
+    """The closing console line: what the run left in its folder."""
+    names = sorted(os.listdir(run_dir))
+    pngs = [n for n in names if n.startswith("rollouts_")]
+    names = [n for n in names if n not in pngs and n != "latest" and not n.startswith("step_")]
+    latest = resolve_ckpt(run_dir) if has_ckpt(run_dir) else None
+    return (f"outputs in {run_dir}: " + ", ".join(names + ([f"{len(pngs)} rollouts_*.png"] if pngs else []))
+            + (f"; latest checkpoint {os.path.basename(latest)}/" if latest else ""))
 
 
 # ----------------------------------------------------------------------------- Sync-GRPO: rollouts
@@ -677,23 +804,29 @@ def has_ckpt(path):
     try:
         resolve_ckpt(path)
         return True
-    except FileNotFoundError:
+    except BadInput:
         return False
 
 
 def embedded_base(args, rank, world_size, device):
-    """(world, tokenizer, policy, reference or None) of the embedded world, pretraining the base if missing."""
+    """(world, tokenizer, policy, reference or None, the base's evaluation if pretrained just now) of the
+    embedded world, pretraining the base if missing."""
     base = args.base or os.path.join(args.out_dir, "pretrain")
+    base_eval = None
     if not has_ckpt(base):
         if args.base:
             resolve_ckpt(args.base)  # raises, naming the missing path
         pretrain(args, rank, world_size, device)  # embedded default: make the base once, then reuse it
         if world_size > 1:
             dist.barrier()
-    world, tok = world_and_tokenizer(args)
+        if rank == 0:  # pretraining has just evaluated this very base with these flags: not again
+            with open(os.path.join(base, "eval.json")) as f:
+                base_eval = json.load(f)
+    world, tok = world_and_tokenizer(args, rank if base_eval is None else None)  # None: pretraining said it
     policy, meta, _ = load_checkpoint(base, device)
+    say(rank, f"base: {resolve_ckpt(base)} (pretrained {meta['step']} steps)")
     ref = load_checkpoint(base, device)[0].requires_grad_(False).eval() if args.beta else None
-    return world, tok, policy, ref
+    return world, tok, policy, ref, base_eval
 
 
 def amp(args, device):
@@ -710,26 +843,34 @@ def rl_optimizer(policy, args):
 def rl(args, rank=0, world_size=1, device="cpu"):
     """Sync-GRPO: held-out eval of the base, args.rl_iters RL steps, held-out eval again (embedded world;
     a real UnifyBench folder logs its reward components only)."""
+    base_eval = None
     if args.showo_dir:
         world, tok, policy, ref = showo.setup(args, device, say=print if rank == 0 else lambda *a: None)
     else:
-        world, tok, policy, ref = embedded_base(args, rank, world_size, device)
+        world, tok, policy, ref, base_eval = embedded_base(args, rank, world_size, device)
     args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
     opt, sched = rl_optimizer(policy, args)
     dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
     run_dir = os.path.join(args.out_dir, "rl")
     os.makedirs(run_dir, exist_ok=True)
-    held_out = None if args.showo_dir else data.load_tasks(args.data_dir, "test")  # metrics need the exact world
-    if args.resume and has_ckpt(run_dir):
+    held_out = None if args.showo_dir else from_files(data.load_tasks, args.data_dir, "test")  # metrics need the exact world
+    if args.resume:
         step, state = restore(run_dir, policy, opt, sched)
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
         set_rng_state(state["rng"])
         before = state["before"]
     if rank == 0 and before is None and args.eval_base and held_out:
-        before = held_out_eval(policy, tok, world, held_out, args)
+        before = base_eval
+        if before is None:
+            say(rank, f"evaluating the base on {len(held_out)} held-out tasks")
+            before = held_out_eval(policy, tok, world, held_out, args)
     model = DDP(policy) if world_size > 1 else policy
     F = compiled(args)
-    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0)
+    log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0, step)
+    say(rank, f"Sync-GRPO: {args.rl_iters} steps{f' from step {step}' if step else ''} of {args.rollouts} rollouts "
+              f"in groups of {args.group} -> {run_dir}")
+    if args.compile:
+        say(rank, "the first step also compiles the loss formulas (torch.compile; --no-compile skips it)")
     bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
     end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
     if rank == 0 and step == 0 and args.diag_prompts:
@@ -773,11 +914,15 @@ def rl(args, rank=0, world_size=1, device="cpu"):
             by_step = {r["step"]: r for r in map(json.loads, f)}  # a resumed run's replayed steps: the last wins
         plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), [by_step[k] for k in sorted(by_step)])
     if rank == 0 and step == args.rl_iters and held_out:
+        say(rank, f"evaluating the RL model on {len(held_out)} held-out tasks")
         after = held_out_eval(policy, tok, world, held_out, args)
-        title = "Held-out concepts: the base, after Sync-GRPO, and the paired gain"
-        print(E.gain_table(before, after, title) if before else E.table({"sync-grpo": after}, title))
+        title = f"held-out concepts of {args.data_dir}: {'the base, ' if before else ''}after {step} Sync-GRPO steps"
+        print("\n" + (E.gain_table(before, after, title + ", and the paired gain") if before else E.table({"sync-grpo": after}, title)))
         cols = ({"base": before} if before else {}) | {"sync-grpo": after}
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(cols, indent=1).encode())
+    elif step < args.rl_iters:
+        say(rank, f"stopped after step {step} of {args.rl_iters}; --resume continues")
+    say(rank, outputs(run_dir))
     return policy
 
 
@@ -840,17 +985,30 @@ def plot_rewards(path, rows):
 
 
 def run_eval(args):
+    """Held-out metrics of a checkpoint, written next to it as eval_<world folder>-seed<S>.json: results
+    on another world get another file, and a file holding another world's results is never overwritten."""
     model, meta, _ = load_checkpoint(args.ckpt)
     for k in ("cfg", "steps"):  # sample as the checkpoint was trained
-        setattr(args, k, meta["args"].get(k, getattr(args, k)))
+        setattr(args, k, meta.get("args", {}).get(k, getattr(args, k)))
     args.image_mode = "ar" if model.cfg.image_causal else "maskgit"
     world, tok = world_and_tokenizer(args)
     if tok.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"{args.data_dir}: its world needs a vocabulary of {tok.vocab_size} ids but the checkpoint "
-                         f"{args.ckpt} has {model.cfg.vocab_size}; use the same --n-train-concepts/--n-test-concepts")
-    res = E.evaluate(model, tok, data.load_tasks(args.data_dir, "test"), args)
-    print(E.table({os.path.basename(os.path.normpath(args.ckpt)): res}))
-    atomic_write(os.path.join(resolve_ckpt(args.ckpt), "eval.json"), json.dumps(res, indent=1).encode())
+        raise BadInput(f"{args.data_dir}: its world needs a vocabulary of {tok.vocab_size} ids but the checkpoint "
+                       f"{args.ckpt} has {model.cfg.vocab_size}; use the same --n-train-concepts/--n-test-concepts")
+    where = dict(data_dir=os.path.abspath(args.data_dir), seed=world.seed, train_concepts=len(world.train),
+                 test_concepts=len(world.test))
+    out = os.path.join(resolve_ckpt(args.ckpt), f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
+    if os.path.isfile(out):
+        with open(out) as f:
+            old = json.load(f).get("world")
+        if old != where:
+            raise BadInput(f"{out}: holds the results of another world ({old}); move it away to evaluate {where}")
+    held_out = from_files(data.load_tasks, args.data_dir, "test")
+    say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(held_out)} held-out tasks")
+    res = held_out_eval(model, tok, world, held_out, args)
+    print("\n" + E.table({os.path.basename(os.path.normpath(args.ckpt)): res}, f"held-out concepts of {args.data_dir} (seed {world.seed})"))
+    atomic_write(out, json.dumps(dict(world=where, checkpoint=resolve_ckpt(args.ckpt), metrics=res), indent=1).encode())
+    say(0, f"wrote {out}")
     return res
 
 
@@ -871,4 +1029,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BadInput as e:  # a bad file or folder: its message says which and what was expected
+        sys.exit(f"error: {e}")

@@ -1,5 +1,6 @@
 """The training script end to end on a tiny world and model: checkpoints, ratio == 1 at the first inner
 update, compiled == eager formulas, resume == uninterrupted, DDP ranks identical, clear errors."""
+import json
 import os
 import subprocess
 import sys
@@ -42,10 +43,10 @@ def test_pretrain_writes_checkpoint_metrics_and_samples(base):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(T.BadInput, match="nope"):
         T.load_checkpoint(str(tmp_path / "nope"))
     args = tiny_args(tmp_path, "--base", str(tmp_path / "missing_base"))
-    with pytest.raises(FileNotFoundError, match="missing_base"):
+    with pytest.raises(T.BadInput, match="missing_base"):
         T.rl(args)
 
 
@@ -119,13 +120,16 @@ def params(path):
 def test_resume_equals_uninterrupted_run(base, tmp_path):
     common = ["--base", str(base / "pretrain"), "--rl-iters", "4", "--ckpt-every", "2"]
     T.rl(tiny_args(base, *RL, *common, "--out-dir", str(tmp_path / "a")))
-    T.rl(tiny_args(base, *RL, *common, "--out-dir", str(tmp_path / "b"), "--stop-after", "2"))
-    assert params(tmp_path / "b" / "rl")[0] == 2
+    T.rl(tiny_args(base, *RL, *common, "--out-dir", str(tmp_path / "b"), "--stop-after", "3"))
+    assert params(tmp_path / "b" / "rl")[0] == 3
+    (tmp_path / "b" / "rl" / "latest").write_text("step_000002")  # killed after step 3's log, before its save
     T.rl(tiny_args(base, *RL, *common, "--out-dir", str(tmp_path / "b"), "--resume"))
     (sa, a), (sb, b) = params(tmp_path / "a" / "rl"), params(tmp_path / "b" / "rl")
     assert sa == sb == 4
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "b" / "rl" / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4]  # the redone step 3 is logged once
 
 
 DDP_SCRIPT = """
