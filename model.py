@@ -47,6 +47,7 @@ class Config:
     image_causal: bool = False
     layout: str = "nanosync"   # "showo": Show-o's masks and its <eoi> after every MaskGIT image
     mmu_id: int = -1           # Show-o's <|mmu|> task token (layout "showo")
+    qk_norm: bool = False      # per-head LayerNorm on queries and keys (Show-o's Phi; plain Phi-1.5 has none)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -64,10 +65,16 @@ class Attention(nn.Module):
         self.rot = int(self.hd * cfg.rotary_frac)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
+        if cfg.qk_norm:  # names as in transformers' PhiAttention, so Show-o's tensors load as they are
+            self.q_layernorm = nn.LayerNorm(self.hd, eps=cfg.ln_eps)
+            self.k_layernorm = nn.LayerNorm(self.hd, eps=cfg.ln_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.nh, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:  # before the rotary embedding, over each head's dims, as Show-o's Phi does
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         r = self.rot  # rotary only on the first `rot` dims of each head, as in Phi
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
@@ -228,15 +235,16 @@ def config_from_phi(d, name="config.json", **layout):
     missing = [k for k in PHI_KEYS if k not in d]
     if missing:
         raise ValueError(f"{name}: missing keys {missing}; expected a PhiForCausalLM config")
-    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"] or d.get("qk_layernorm"):
-        raise ValueError(f"{name}: grouped KV heads and qk_layernorm are not supported (Phi-1.5 uses neither)")
+    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"]:
+        raise ValueError(f"{name}: grouped KV heads are not supported (Phi-1.5 and Show-o use none)")
     rope = d.get("rope_parameters") or {}
     act = d.get("hidden_act", "gelu_new")
     return Config(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
                   n_embd=d["hidden_size"], n_inner=d["intermediate_size"],
                   rotary_frac=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
                   rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-                  ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh", **layout)
+                  ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh",
+                  qk_norm=bool(d.get("qk_layernorm", False)), **layout)
 
 
 def read_weights_dir(path):
@@ -256,16 +264,19 @@ def read_weights_dir(path):
     return sd
 
 
-def from_pretrained(path, prefix="model.", root="", config=None, **layout):
+def from_pretrained(path, prefix="model.", root="", config=None, qk_from=None, **layout):
     """Load a local PhiForCausalLM folder (config.json + safetensors or .bin). Never touches the network.
     root: a prefix every weight name carries (Show-o keeps its Phi under `showo.`); config: the Phi
-    config dict to use instead of the folder's own config.json."""
+    config dict to use instead of the folder's own config.json. The config's qk_layernorm must agree
+    with the file: q/k LayerNorm tensors present <=> qk_layernorm true (qk_from: where that setting came from)."""
     name = os.path.join(path, "config.json")
     if config is None:
         config = read_json(name, "a local PhiForCausalLM checkpoint folder")
+    sd = read_weights_dir(path)
+    check_qk_norm(path, sd, bool(config.get("qk_layernorm", False)), qk_from or name)
     model = UnifiedModel(config_from_phi(config, name, **layout))
     ours = {}
-    for k, v in read_weights_dir(path).items():
+    for k, v in sd.items():
         if not k.startswith(root):
             continue
         k = k[len(root):]
@@ -277,6 +288,16 @@ def from_pretrained(path, prefix="model.", root="", config=None, **layout):
     if problem:
         raise ValueError(f"{path}: weights do not match the Phi layout under {root + prefix!r}: {problem}")
     return model
+
+
+def check_qk_norm(path, sd, want, source):
+    """The weight file decides whether q/k LayerNorm exists; a config saying otherwise is an error
+    (loading without the tensors would drop them silently and shift every logit)."""
+    has = any(".self_attn.q_layernorm." in k for k in sd)
+    if has != want:
+        raise ValueError(f"{path}: the weights {'hold' if has else 'lack'} per-head q/k LayerNorm tensors "
+                         f"(...self_attn.q_layernorm.*, k_layernorm.*) but {source} says qk_layernorm "
+                         f"{str(want).lower()}; use the checkpoint and config that belong together")
 
 
 def load_weights(model, sd, optional=None):
@@ -331,7 +352,12 @@ def load_showo(path, phi_dir=None):
                          "give the local Phi-1.5 folder whose config.json has them")
     else:
         phi = read_json(os.path.join(phi_dir, "config.json"), "Phi-1.5's config.json (a local microsoft/phi-1_5 folder)")
-    return from_pretrained(path, root="showo.", config={**phi, "vocab_size": sc["vocab_size"]}, **showo_layout(sc)), sc
+    # Show-o's own Phi class switches q/k LayerNorm on whatever Phi-1.5's config says (qk_layernorm false
+    # there); only Show-o's config.json may switch it off
+    qk = bool(sc.get("qk_layernorm", True))
+    src = f"{os.path.join(path, 'config.json')} ({'its qk_layernorm key' if 'qk_layernorm' in sc else 'Show-o turns it on by default'})"
+    return from_pretrained(path, root="showo.", config={**phi, "vocab_size": sc["vocab_size"], "qk_layernorm": qk},
+                           qk_from=src, **showo_layout(sc)), sc
 
 
 def config_dict(cfg):

@@ -95,15 +95,18 @@ def phi_config(vocab, shape="tiny"):
                      num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
 
 
-def write_showo(path, phi_dir, sc, fmt="safetensors", shape="tiny", seed=0):
-    """A random PhiForCausalLM built as Show-o builds it (text vocabulary, then embeddings resized to the
-    joint one) and saved as Show-o does: keys under `showo.`. The Phi config, text vocabulary only as in
-    a Phi folder, goes to phi_dir (Show-o's own config.json has no architecture). Returns the HF model."""
+def write_showo(path, phi_dir, sc, fmt="safetensors", shape="tiny", seed=0, qk_layernorm=True):
+    """A random PhiForCausalLM built as Show-o builds it (its Phi with per-head q/k LayerNorm, text
+    vocabulary, then embeddings resized to the joint one) and saved as Show-o does: keys under `showo.`,
+    so `showo.model.layers.i.self_attn.q_layernorm.weight` etc. The Phi config goes to phi_dir as
+    microsoft/phi-1_5 has it (text vocabulary, qk_layernorm false: Show-o's class turns it on), since
+    Show-o's own config.json has no architecture. Returns the HF model."""
     from safetensors.torch import save_file
     from transformers import PhiForCausalLM
     torch.manual_seed(seed)
     cfg = phi_config(sc["llm_vocab_size"], shape)
     cfg.save_pretrained(phi_dir)
+    cfg.qk_layernorm = qk_layernorm
     hf = PhiForCausalLM(cfg).eval()
     hf.resize_token_embeddings(sc["vocab_size"])
     if shape == "tiny":

@@ -1,4 +1,6 @@
 """Model behaviour: Phi parity, omni-attention, KV-cache decoding, samplers vs scorers."""
+import json
+
 import pytest
 import torch
 
@@ -18,21 +20,38 @@ def tiny(image_causal=False, seed=0):
     return m
 
 
-def test_phi_parity(tmp_path):
+@pytest.mark.parametrize("qk", [False, True])
+def test_phi_parity(tmp_path, qk):
     from transformers import PhiConfig, PhiForCausalLM
     torch.manual_seed(0)
     hf_cfg = PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
+                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128, qk_layernorm=qk)
     hf = PhiForCausalLM(hf_cfg).eval()
     for p in hf.parameters():
         p.data.normal_(0, 0.1)
     hf.save_pretrained(tmp_path)
     ours = M.from_pretrained(str(tmp_path)).eval()
+    assert ours.cfg.qk_norm == qk and hasattr(ours.layers[1].self_attn, "k_layernorm") == qk
     idx = torch.randint(0, 97, (3, 21))
     with torch.no_grad():
         ref = hf(idx).logits
         got = ours.logits(idx)
     assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_qk_norm_config_and_file_must_agree(tmp_path):
+    from transformers import PhiConfig, PhiForCausalLM
+    cfg = PhiConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, max_position_embeddings=64, qk_layernorm=True)
+    PhiForCausalLM(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "qk_layernorm": False}))
+    with pytest.raises(ValueError, match="hold per-head q/k LayerNorm.*says qk_layernorm false"):
+        M.from_pretrained(str(tmp_path))
+    cfg.qk_layernorm = False
+    PhiForCausalLM(cfg).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="lack per-head q/k LayerNorm.*says qk_layernorm true"):
+        M.from_pretrained(str(tmp_path / "plain"), config={**conf, "qk_layernorm": True})
 
 
 def test_from_pretrained_missing_folder(tmp_path):

@@ -50,6 +50,22 @@ def test_showo_checkpoint_matches_transformers(tmp_path, folders, fmt):
     assert (idx >= n + 10).any()
     with torch.no_grad():
         assert (hf(idx).logits - ours.eval().logits(idx)).abs().max().item() < 1e-4
+    # Show-o's names: the fixture's file holds q/k LayerNorm tensors and the model reads them
+    keys = list(M.read_weights_dir(str(tmp_path / "showo")))
+    assert "showo.model.layers.1.self_attn.k_layernorm.bias" in keys and ours.cfg.qk_norm
+    assert torch.equal(ours.layers[1].self_attn.k_layernorm.bias, hf.model.layers[1].self_attn.k_layernorm.bias)
+
+
+def test_showo_file_without_qk_norm_fails_unless_its_config_says_so(tmp_path, folders):
+    sc = M.showo_config(folders["showo_dir"])
+    hf = F.write_showo(tmp_path / "showo", tmp_path / "phi", sc, qk_layernorm=False)
+    with pytest.raises(ValueError, match="lack per-head q/k LayerNorm.*Show-o turns it on by default"):
+        M.load_showo(str(tmp_path / "showo"), str(tmp_path / "phi"))
+    F.dump(tmp_path / "showo" / "config.json", {**sc, "qk_layernorm": False})
+    ours, _ = M.load_showo(str(tmp_path / "showo"), str(tmp_path / "phi"))
+    idx = torch.randint(0, sc["llm_vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert not ours.cfg.qk_norm and (hf(idx).logits - ours.eval().logits(idx)).abs().max().item() < 1e-4
 
 
 def show_o_rules(idx, soi, eoi, mmu):
