@@ -539,22 +539,59 @@ def close_image(c, rows, valid):
     return torch.cat((rows, eoi), 1), torch.cat((valid, torch.ones_like(eoi, dtype=torch.bool)), 1), 1
 
 
+def showo_commits(n, steps):
+    """Show-o's MaskGIT schedule (t2i_generate): tokens committed at each step. After step s, with
+    r = (s+1)/T, floor(n cos(pi/2 r)) stay masked, computed in float32 as Show-o does and clamped to
+    [1, #unknown - 1] (at least one committed while two remain, at least one left masked); its last
+    step still returns a code for every position, so the one left masked is committed there."""
+    unknown, out = n, []
+    for s in range(steps):
+        r = torch.tensor((s + 1) / steps)  # float32, like Show-o's torch.tensor(ratio)
+        keep = int(torch.floor(n * torch.cos(r * (math.pi * 0.5))))
+        keep = 0 if s == steps - 1 else max(1, min(unknown - 1, keep))
+        out.append(unknown - keep)
+        unknown = keep
+    return out
+
+
+def showo_choice_temperature(step, steps, tau0=1.0):
+    """Show-o's Gumbel temperature at 0-indexed `step`: tau <- tau (1 - r) before each step's choice,
+    compounding from tau0 (T = 50: 0.31 at step 9, below 1e-3 after step 25)."""
+    tau = tau0
+    for j in range(step + 1):
+        tau *= 1.0 - (j + 1) / steps
+    return tau
+
+
+def gumbel(like, generator=None):
+    """Standard Gumbel noise -log(-log u), u ~ U(0,1), both logs clamped at 1e-20 as in Show-o."""
+    u = torch.rand(like.shape, generator=generator, device=like.device)
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
-                   state=None, stop=None, two_pass=False):
+                   state=None, stop=None, two_pass=False, sampler="plain"):
     """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
     (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
     prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
     state: codes [B,N] (-1 = still masked), logprobs [B,N] (at the commit step), step_of [B,N]
-    (commit step of each token), pred [B,N] (full current prediction: the DGS preview), step."""
+    (commit step of each token), pred [B,N] (full current prediction: the DGS preview), draws [B,T,N]
+    (what each step sampled at every position; visible ones keep their code), step.
+    sampler="showo" is Show-o's t2i_generate step: logits never tempered (`temperature` is instead
+    the starting Gumbel temperature tau0), confidence = log p + tau_s * Gumbel, tau_s from
+    showo_choice_temperature, commit counts from showo_commits."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = len(cond), n_tokens
     if state is None:
         state = dict(codes=torch.full((B, N), -1, dtype=torch.long, device=dev), logprobs=torch.zeros(B, N, device=dev),
-                     step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0)
+                     step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0,
+                     draws=torch.full((B, steps, N), -1, dtype=torch.int32, device=dev))
     ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
     ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
+    draws, showo = state["draws"].clone(), sampler == "showo"
+    logit_t = 1.0 if showo else temperature
     for s in range(state["step"], steps if stop is None else min(stop, steps)):
         x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
         inp, v, k = close_image(c, torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))
@@ -563,18 +600,23 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
             h = torch.cat([model.hidden(inp[r], v[r])[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
         else:
             h = model.hidden(inp, v)[:, img]
-        lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
-        drawn = pick(lp, temperature, generator=generator)
+        lp = code_logprobs(model, h[:B], h[B:], cfg_w, logit_t)
+        drawn = pick(lp, logit_t, generator=generator)
         klp = lp.gather(-1, drawn[..., None])[..., 0]
         masked = codes < 0
-        # from the schedule, not masked.sum(): no host sync per step
-        n_commit = (keep_masked(s - 1, steps, N) if s else N) - keep_masked(s, steps, N)
-        conf = klp.masked_fill(~masked, -float("inf"))
+        draws[:, s] = torch.where(masked, drawn, codes).int()
+        if showo:
+            n_commit = showo_commits(N, steps)[s]
+            conf = klp + showo_choice_temperature(s, steps, temperature) * gumbel(klp, generator)
+        else:  # from the schedule, not masked.sum(): no host sync per step
+            n_commit = (keep_masked(s - 1, steps, N) if s else N) - keep_masked(s, steps, N)
+            conf = klp
+        conf = conf.masked_fill(~masked, -float("inf"))
         commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
         codes = torch.where(commit, drawn, codes)
         lps = torch.where(commit, klp, lps)
         step_of = torch.where(commit, s, step_of)
-        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, drawn, codes), step=s + 1)
+        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, drawn, codes), step=s + 1, draws=draws)
     return state
 
 

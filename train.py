@@ -57,6 +57,9 @@ def get_args(argv=None):
     # pretraining
     a("--steps", type=int, default=8, help="MaskGIT sampling steps T (int)")
     a("--cfg", type=float, default=1.0, help="classifier-free guidance weight w: (1+w)*cond - w*uncond")
+    a("--maskgit-sampler", default="plain", choices=["plain", "showo"],
+      help="plain = tempered logits, confidence log p, float64 cosine counts; showo = Show-o's t2i_generate step "
+           "(untempered logits, log p + Gumbel at a compounding temperature, its clamped float32 counts); showo in --preset showo")
     a("--p-uncond", type=float, default=0.1, help="share of generation examples with the prompt dropped (CFG training)")
     a("--iters", type=int, default=700, help="optimizer steps (int)")
     a("--batch", type=int, default=32, help="examples per optimizer step per rank (int)")
@@ -409,7 +412,13 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
 
 
 def rl_sampling(args):
-    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg)
+    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg, maskgit_sampler=args.maskgit_sampler)
+
+
+def image_temperature(args):
+    """The temperature of the image log-probs: Show-o's sampler never tempers its logits (its
+    temperature scales the Gumbel noise of the choice), so its scorer reads them at 1."""
+    return 1.0 if args.maskgit_sampler == "showo" else args.temperature
 
 
 def rows(p, idx):
@@ -570,7 +579,7 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
             lp, sel, ent = M.ar_image_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
         else:
             lp, sel, ent = M.maskgit_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], im["step_of"], steps_sel,
-                                              args.rl_cfg, args.temperature, args.chunk, trunk)
+                                              args.rl_cfg, image_temperature(args), args.chunk, trunk)
         out["image"] = (lp, sel, ent)
     return out
 

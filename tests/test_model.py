@@ -1,5 +1,6 @@
 """Model behaviour: Phi parity, omni-attention, KV-cache decoding, samplers vs scorers."""
 import json
+import math
 
 import pytest
 import torch
@@ -180,6 +181,50 @@ def test_maskgit_preview_and_resume_equal_one_run():
     assert (part["pred"] >= 0).all() and (part["codes"] < 0).any()  # preview is a full image
     done = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, state=part)
     assert torch.equal(done["codes"], full["codes"])
+
+
+def show_o_rule(N, T):
+    """Tokens committed per step by Show-o's t2i_generate, restated here: mask_len = floor(N cos(pi/2 r))
+    as a float32 tensor, clamped to [1, unknown - 1]; the returned sample fills what stays masked."""
+    unknown, counts = N, []
+    for step in range(T):
+        ratio = torch.tensor(1.0 * (step + 1) / T)
+        mask_len = (N * torch.cos(ratio * math.pi * 0.5)).floor()
+        mask_len = max(1, min(unknown - 1, int(mask_len)))
+        counts.append(unknown - mask_len)
+        unknown = mask_len
+    counts[-1] += unknown
+    return counts
+
+
+@pytest.mark.parametrize("N,T_", [(1024, 12), (1024, 18), (1024, 50), (256, 50), (64, 8)])
+def test_showo_sampler_commits_as_show_o(N, T_):
+    m = tiny()
+    st = M.sample_maskgit(m, [[1, 4, 3]], [[1, 3]], N, T_, 2.0, generator=torch.Generator().manual_seed(0), sampler="showo")
+    assert ((st["codes"] >= 0) & (st["codes"] < K)).all()  # every position filled at the end
+    got = torch.bincount(st["step_of"][0], minlength=T_).tolist()
+    assert got == show_o_rule(N, T_) == M.showo_commits(N, T_)
+    if (N, T_) == (1024, 12):  # the plain float64 floor-difference schedule is not Show-o's here
+        assert [M.keep_masked(s - 1, T_, N) - M.keep_masked(s, T_, N) if s else N - M.keep_masked(0, T_, N)
+                for s in range(T_)] != got
+
+
+def test_showo_sampler_is_seeded_untempered_and_compounds_its_temperature():
+    m = tiny()
+    cond, uncond = [[1, 4, 5, 3], [2, 6, 3]], [[1, 3], [1, 3]]
+
+    def run(seed, temperature=1.0):
+        return M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, temperature, torch.Generator().manual_seed(seed), sampler="showo")
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["logprobs"], b["logprobs"])
+    assert not torch.equal(a["codes"], c["codes"])
+    # log-probs are those of the untempered CFG logits, whatever the (Gumbel) temperature
+    for st in (a, run(0, temperature=3.0)):
+        lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], list(range(6)), 1.5, 1.0)
+        assert sel.all() and torch.allclose(lp, st["logprobs"], atol=1e-5)
+    assert M.showo_choice_temperature(0, 50) == pytest.approx(0.98)
+    assert M.showo_choice_temperature(9, 50) == pytest.approx(math.prod(1 - j / 50 for j in range(1, 11)))
+    assert M.showo_choice_temperature(9, 50) == pytest.approx(0.31, abs=0.01) and M.showo_choice_temperature(26, 50) < 1e-3
 
 
 @pytest.mark.parametrize("cfg_w", [0.0, 3.0])
