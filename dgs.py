@@ -28,8 +28,9 @@ def _centered(R):
     return R - (ref + (R - ref).mean(dim=1, keepdim=True))
 
 
-def group_advantages(R, mode="std", eps=1e-4):
-    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable)."""
+def group_advantages(R, mode="std", eps=1e-4, correction=0):
+    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable).
+    correction=1: Bessel's std (n-1), as TRL; with G=1 that std is NaN, so the trainer refuses it."""
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
     if R.dim() != 2:
@@ -42,10 +43,10 @@ def group_advantages(R, mode="std", eps=1e-4):
     # 0/0 = NaN; the population std is 0, so the exact-zero numerator stays exactly 0.
     if mode == "std":
         # GRPO: A_i = (R_i - mean_G R) / (std_G R + eps)
-        scale = R.std(dim=1, keepdim=True, correction=0)
+        scale = R.std(dim=1, keepdim=True, correction=correction)
     else:
         # batch std (as TRL's scale_rewards="batch"): A_i = (R_i - mean_G R) / (std_batch R + eps)
-        scale = R.std(correction=0)
+        scale = R.std(correction=correction)
     return centered / (scale + eps)
 
 

@@ -620,10 +620,34 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     return state
 
 
-def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None):
+ESTIMATORS = ("commit", "commit-remask", "masked", "all")
+
+
+def estimator_terms(estimator, step_of, s):
+    """[S,B,N] bool: which positions an image log-prob estimator scores at each step s ([S,1,1]).
+    commit         the token committed at s (Mask-GRPO's "newly unmasked" tokens; nanosync's default)
+    commit-remask  commit, plus every position re-masked at s (Mask-GRPO's default estimator)
+    masked         every position still masked when step s starts (its sample of that step)
+    all            every position at every step, visible ones included (the released Sync-R1 code)"""
+    if estimator == "commit":
+        return step_of[None] == s
+    if estimator in ("commit-remask", "masked"):
+        return step_of[None] >= s
+    if estimator == "all":
+        return (step_of[None] >= -1) & (s >= 0)
+    raise ValueError(f"unknown image log-prob estimator {estimator!r}; choose one of {ESTIMATORS}")
+
+
+def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None,
+                     estimator="commit", draws=None, commit_lp=None):
     """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
     committed before s, the rest masked) and read the log-prob of each token committed at s.
-    Returns (lp [B,N], sel [B,N] bool, ent [B,N])."""
+    Returns (lp [B,N], sel [B,N] bool, ent [B,N]).
+    Other estimators (`estimator_terms`) score several terms per position, so they return one column
+    per (step, position): lp, sel, ent [B, S*N]. masked / all read each step's own sample (`draws`
+    [B,T,N] from the sampler); commit-remask scores a position re-masked at s by the log of the mass
+    its distribution puts below that step's lowest committed log-prob (`commit_lp` [B,N], the
+    sampler's), i.e. the probability that a fresh draw there would not have been kept."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
     ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
@@ -637,15 +661,46 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
     rows, vrows, k = close_image(c, rows, vrows)
     h = (trunk or model)(rows, vrows)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
-    hit = step_of[None] == s  # [S,B,N]: the token committed at step s is scored at step s
+    hit = estimator_terms(estimator, step_of, s)  # [S,B,N]: commit scores the token committed at step s at s
+    if estimator == "commit":
+        def fn(hc, hu, t):
+            return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
 
-    def fn(hc, hu, t):
-        return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
+        out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, codes[None].expand(S, -1, -1)[hit])
+        lp = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 0]).sum(0)
+        ent = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 1]).sum(0)
+        return lp, hit.any(0), ent
+    return maskgit_terms(model, h, r, hit, s, codes, step_of, cfg_w, temperature, chunk, estimator, draws, commit_lp)
 
-    out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, codes[None].expand(S, -1, -1)[hit])
-    lp = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 0]).sum(0)
-    ent = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 1]).sum(0)
-    return lp, hit.any(0), ent
+
+def maskgit_terms(model, h, r, hit, s, codes, step_of, cfg_w, temperature, chunk, estimator, draws, commit_lp):
+    """The several-terms-per-position estimators of maskgit_logprobs, one column per (step, position)."""
+    S, B, N = hit.shape
+    committed = step_of[None] == s
+    if estimator == "commit-remask":
+        target = codes[None].expand(S, -1, -1)
+        # the step's lowest kept confidence (plain sampler: confidence = log p); +inf where none was kept
+        thr = torch.where(committed, commit_lp[None], float("inf")).amin(-1, keepdim=True).expand(S, B, N)
+    else:
+        target = draws.permute(1, 0, 2)[s[:, 0, 0]].long()  # [S,B,N]: that step's sample, or the visible code
+        thr = torch.full((S, B, N), float("inf"), device=h.device)
+    remask = hit & ~committed & (estimator == "commit-remask")
+
+    def fn(hc, hu, t, th, rm):
+        lp = code_logprobs(model, hc, hu, cfg_w, temperature)
+        out = picked_and_entropy(lp, t)
+        low = lp < th[:, None]
+        some = low.any(-1) & torch.isfinite(th)  # rows with no mass below, or a step that kept nothing: no term
+        below = torch.logsumexp(torch.where(low | ~some[:, None], lp, -float("inf")), -1)  # finite, so no NaN gradient
+        val = torch.where(rm, torch.where(some, below, -float("inf")), out[:, 0])
+        return torch.stack((val, out[:, 1]), -1)
+
+    out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, target[hit], thr[hit], remask[hit])
+    lp = torch.zeros(S, B, N, device=h.device).masked_scatter(hit, out[:, 0])
+    ent = torch.zeros(S, B, N, device=h.device).masked_scatter(hit, out[:, 1])
+    sel = hit & torch.isfinite(lp)  # a re-masked term with no mass below the threshold has none to score
+    cols = lambda x: x.permute(1, 0, 2).reshape(B, S * N)
+    return cols(torch.where(sel, lp, 0.0)), cols(sel), cols(ent)
 
 
 # ----------------------------------------------------------------------------- autoregressive images

@@ -86,6 +86,16 @@ def get_args(argv=None):
     a("--beta", type=float, default=0.01, help="k3 KL weight to the frozen base (0 = no reference forward)")
     a("--adv", default="batchstd", choices=list(dgs.ADVANTAGE_MODES), help="advantage scaling: std (GRPO), nostd (Dr. GRPO), batchstd")
     a("--split-adv", action="store_true", help="text tokens get the text-reward advantage, image tokens the image-reward one")
+    a("--adv-bessel", action="store_true", help="advantage std with Bessel's correction (n-1, as TRL); default the population std (n)")
+    a("--image-estimator", default="commit", choices=list(M.ESTIMATORS),
+      help="MaskGIT log-prob terms per scored step: commit (token at its commit step), commit-remask (Mask-GRPO: plus "
+           "re-masked mass), masked (every masked position), all (every position, the released code); all in --preset showo")
+    a("--loss-agg", default="grpo", choices=list(AGGREGATIONS),
+      help="token aggregation per modality: grpo (token mean per rollout, then mean), dapo/bnpo (token mean over the "
+           "batch), dr_grpo (token sum / (rollouts x segment width)), sum (token sum, mean over rollouts: the released code)")
+    a("--log-ratio-clamp", type=float, default=0.0, help="clamp log(pi/pi_old) to +-this before exp (0 = off; the released code: 10)")
+    a("--ratio-level", default="token", choices=["token", "sequence"],
+      help="PPO ratio per token, or one per segment: exp(token mean of log-ratios) (GSPO)")
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
     a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
@@ -135,6 +145,8 @@ def get_args(argv=None):
     if args.rollouts % args.group:
         p.error(f"--rollouts ({args.rollouts}) must be a multiple of --group ({args.group}): "
                 "each group is G rollouts of one prompt")
+    if args.adv_bessel and args.group < 2:
+        p.error("--adv-bessel needs --group of 2 or more (Bessel's std of one reward is undefined)")
     if args.dgs and args.dgs_cap < args.group:
         p.error(f"--dgs-cap ({args.dgs_cap}) must be at least --group ({args.group})")
     if args.n_embd % args.n_head:
@@ -532,9 +544,11 @@ def collect(model, tok, world, args, rank, step, dgs_state):
 
 # ----------------------------------------------------------------------------- Sync-GRPO: the loss
 
-def ppo_clip(new_lp, old_lp, adv, eps_low, eps_high):
-    """Token-level clipped surrogate (PPO / GRPO): -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi/pi_old."""
-    ratio = torch.exp(new_lp - old_lp)
+def ppo_clip(new_lp, old_lp, adv, eps_low, eps_high, log_clamp=0.0):
+    """Token-level clipped surrogate (PPO / GRPO): -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi/pi_old;
+    log_clamp > 0 bounds log r to +-log_clamp first (the released code's guard against overflow)."""
+    d = new_lp - old_lp
+    ratio = torch.exp(d.clamp(-log_clamp, log_clamp) if log_clamp else d)
     return -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv), ratio
 
 
@@ -553,7 +567,34 @@ def segment_mean(x, mask):
     return (per * has).sum() / has.sum().clamp(min=1)
 
 
-FORMULAS = {"advantages": dgs.group_advantages, "ppo_clip": ppo_clip, "k3_kl": k3_kl, "segment_mean": segment_mean}
+def batch_token_mean(x, mask):
+    """DAPO / BNPO aggregation: one token mean over every scored token of the batch (long rollouts weigh more)."""
+    m = mask.float()
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def dr_grpo_sum(x, mask):
+    """Dr. GRPO aggregation: token sum / (rollouts x segment width); the width stands in for TRL's
+    max_completion_length (text: the longest answer of the batch; image: every scored column)."""
+    return (x * mask).sum() / (mask.shape[0] * mask.shape[-1])
+
+
+def rollout_sum(x, mask):
+    """The released code's aggregation: token sum per rollout, mean over rollouts."""
+    return (x * mask).sum(-1).mean()
+
+
+def sequence_log_ratio(new_lp, old_lp, mask):
+    """GSPO's sequence-level importance ratio, in logs: token mean of log(pi/pi_old) over the segment,
+    broadcast to its tokens so the clipped surrogate acts once per segment."""
+    m = mask.float()
+    return (((new_lp - old_lp) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(new_lp)
+
+
+AGGREGATIONS = {"grpo": segment_mean, "dapo": batch_token_mean, "bnpo": batch_token_mean, "dr_grpo": dr_grpo_sum,
+                "sum": rollout_sum}
+FORMULAS = {"advantages": dgs.group_advantages, "ppo_clip": ppo_clip, "k3_kl": k3_kl, "segment_mean": segment_mean,
+            **{f"agg_{k}": f for k, f in AGGREGATIONS.items()}, "sequence_log_ratio": sequence_log_ratio}
 
 
 def compiled(args):
@@ -579,7 +620,8 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
             lp, sel, ent = M.ar_image_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
         else:
             lp, sel, ent = M.maskgit_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], im["step_of"], steps_sel,
-                                              args.rl_cfg, image_temperature(args), args.chunk, trunk)
+                                              args.rl_cfg, image_temperature(args), args.chunk, trunk,
+                                              args.image_estimator, im["draws"], im["logprobs"])
         out["image"] = (lp, sel, ent)
     return out
 
@@ -595,14 +637,24 @@ def surprising_steps(img, T, k):
     return sorted(sur.topk(k).indices.tolist())
 
 
+def rescored_old_image(raw, tok, batch, args, steps_sel):
+    """pi_old of the image terms for estimators other than commit: the sampler stored one log-prob per
+    token (at its commit step), these score other terms, so the rollout policy scores them once,
+    without gradient, before the first update (as the released code keeps its per-step log-probs)."""
+    if args.image_estimator == "commit" or args.image_mode != "maskgit" or batch.get("img") is None:
+        return None
+    with torch.no_grad():
+        return score_batch(raw, raw, tok, {**batch, "toks": None}, args, steps_sel)["image"][0]
+
+
 def old_logprobs(batch, key):
     return batch["lp"] if key == "text" else batch["img"]["logprobs"]
 
 
 def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
     """mu optimizer updates on one rollout batch; returns the logged statistics."""
-    A_text = F["advantages"](batch["r_text"] + (0 if args.split_adv else batch["r_img"]), args.adv)
-    A_img = F["advantages"](batch["r_img"] + (0 if args.split_adv else batch["r_text"]), args.adv)
+    A_text = F["advantages"](batch["r_text"] + (0 if args.split_adv else batch["r_img"]), args.adv, correction=int(args.adv_bessel))
+    A_img = F["advantages"](batch["r_img"] + (0 if args.split_adv else batch["r_text"]), args.adv, correction=int(args.adv_bessel))
     keep = ~dgs.zero_variance_groups(batch["r_text"] + batch["r_img"]) if args.drop_zero_var else None
     adv = {"text": A_text.flatten(), "image": A_img.flatten()}
     steps_sel = surprising_steps(batch.get("img"), args.steps, args.update_steps)
@@ -610,19 +662,21 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
     if args.beta and ref is not None:  # beta = 0 skips the reference forward entirely
         with torch.no_grad():
             ref_lp = {k: v[0] for k, v in score_batch(ref, ref, tok, batch, args, steps_sel).items()}
+    old_img = rescored_old_image(raw, tok, batch, args, steps_sel)
     stats = {}
     raw.train()
     for inner in range(args.mu):
         scored = score_batch(model, raw, tok, batch, args, steps_sel)
         loss = 0.0
         for key, (lp, mask, ent) in scored.items():
-            old = old_logprobs(batch, key).to(lp.device)
+            old = (old_img if key == "image" and old_img is not None else old_logprobs(batch, key)).to(lp.device)
             if keep is not None:
                 mask = mask & keep.repeat_interleave(args.group)[:, None].to(mask.device)
             a = adv[key].to(lp.device)[:, None]
-            obj, ratio = F["ppo_clip"](lp, old, a, args.eps, args.eps_high or args.eps)
+            new_in, old_in = (F["sequence_log_ratio"](lp, old, mask), 0.0) if args.ratio_level == "sequence" else (lp, old)
+            obj, ratio = F["ppo_clip"](new_in, old_in, a, args.eps, args.eps_high or args.eps, args.log_ratio_clamp)
             kl = F["k3_kl"](lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
-            loss = loss + getattr(args, f"w_{key}_loss") * F["segment_mean"](obj + args.beta * kl, mask)
+            loss = loss + getattr(args, f"w_{key}_loss") * F[f"agg_{args.loss_agg}"](obj + args.beta * kl, mask)
             with torch.no_grad():
                 r = ratio[mask]
                 if not r.numel():  # the sampled MaskGIT steps committed no token (few image tokens, many steps)

@@ -227,6 +227,33 @@ def test_showo_sampler_is_seeded_untempered_and_compounds_its_temperature():
     assert M.showo_choice_temperature(9, 50) == pytest.approx(0.31, abs=0.01) and M.showo_choice_temperature(26, 50) < 1e-3
 
 
+@pytest.mark.parametrize("estimator", M.ESTIMATORS)
+def test_image_estimators_score_their_positions(estimator):
+    """A hand-built 5-token, 3-step trajectory scored at step 1: which positions, which tokens, what value."""
+    m = tiny()
+    codes, step_of = torch.tensor([[5, 7, 2, 9, 11]]), torch.tensor([[0, 1, 2, 1, 2]])
+    draws = torch.tensor([[[5, 8, 3, 1, 0], [5, 7, 4, 9, 6], [5, 7, 2, 9, 11]]], dtype=torch.int32)
+    commit_lp = torch.tensor([[-1.0, -2.0, -3.0, -2.9, -0.5]])
+    lp, sel, _ = M.maskgit_logprobs(m, [[1, 4, 3]], [[1, 3]], codes, step_of, [1], estimator=estimator,
+                                    draws=draws, commit_lp=commit_lp)
+    with torch.no_grad():  # step 1's input: position 0 committed at step 0, the rest masked
+        full = m.logits(torch.tensor([[1, 4, 3, OFF + 5, MASK, MASK, MASK, MASK]]))[0, 3:, OFF:OFF + K].log_softmax(-1)
+    at = lambda j, t: full[j, t].item()
+    if estimator == "commit":
+        want = {1: at(1, 7), 3: at(3, 9)}
+    elif estimator == "masked":
+        want = {j: at(j, t) for j, t in zip(range(1, 5), [7, 4, 9, 6])}
+    elif estimator == "all":
+        want = {j: at(j, t) for j, t in enumerate([5, 7, 4, 9, 6])}
+    else:  # re-masked positions 2 and 4: the mass below the step's lowest kept log-prob, -2.9
+        below = lambda j: full[j][full[j] < -2.9].logsumexp(0).item()
+        want = {1: at(1, 7), 2: below(2), 3: at(3, 9), 4: below(4)}
+    assert sel[0].nonzero().flatten().tolist() == sorted(want)
+    for j, v in want.items():
+        assert lp[0, j].item() == pytest.approx(v, abs=1e-5)
+    assert (lp[~sel] == 0).all()
+
+
 @pytest.mark.parametrize("cfg_w", [0.0, 3.0])
 def test_ar_image_logprobs_match_scorer(cfg_w):
     m = tiny(image_causal=True)

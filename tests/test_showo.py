@@ -265,14 +265,21 @@ def test_preset_sets_only_flags_not_given(folders):
     args = T.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
     assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
+    assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.log_ratio_clamp, args.adv) == ("showo", "all", "sum", 10.0, "nostd")
     assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = T.get_args([])
     assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
+    assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.log_ratio_clamp, plain.adv) == ("plain", "commit", "grpo", 0.0, "batchstd")
 
 
-def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders):
+@pytest.mark.parametrize("choices", [[],  # the preset: Show-o's sampler, every position at every step, token sums
+                                     ["--maskgit-sampler", "plain", "--image-estimator", "commit", "--loss-agg", "grpo"],
+                                     ["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
+                                     ["--maskgit-sampler", "plain", "--image-estimator", "masked", "--loss-agg", "dr_grpo"],
+                                     ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv", "std", "--adv-bessel"]])
+def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark",
-                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL
+                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL + choices
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     policy = T.main(argv)
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])
