@@ -97,6 +97,17 @@ def update_tau(state, rho):
     return state.tau
 
 
+def update_tau_released(state, rho):
+    """The released threshold rule: propose tau ^ (1 + gain * (target - rho)) as update_tau does, but
+    move tau by exactly max_step toward it when it is more than max_step away, else not at all
+    (a dead band: at tau 0.5 it stays put for rho in about [0.13, 0.36])."""
+    proposed = state.tau ** (1.0 + state.gain * (state.target - rho))
+    if abs(proposed - state.tau) > state.max_step:
+        step = state.max_step if proposed > state.tau else -state.max_step
+        state.tau = min(max(state.tau + step, 1e-3), 1.0 - 1e-3)  # the same bounds as update_tau
+    return state.tau
+
+
 def dgs_group(start, score, finish, G, cap, state, batch=None):
     """Sample previews until G beat tau or `cap` previews were made; finish the G chosen ones.
 

@@ -108,6 +108,11 @@ def get_args(argv=None):
     a("--dgs-cap", type=int, default=32, help="max previews per group before filling with the best (int)")
     a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
     a("--dgs-target", type=float, default=0.25, help="target acceptance rate of previews")
+    a("--dgs-tau-rule", default="bounded", choices=["bounded", "released"],
+      help="bounded = toward the proposed tau by at most 0.005 per batch; released = exactly +-0.005 or not at all")
+    a("--reward-style", default="raw", choices=["raw", "released"],
+      help="released (Show-o path; default in --preset showo): NLTK-method1 char-BLEU on raw text, mode r's normalised "
+           "BLEU over all facts, CLIP-I thresholded at 0.5 and re-centred to 0.8, judge re-centred to 0.8")
     a("--drop-zero-var", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are all equal")
     a("--eval-base", type=int, default=1, choices=[0, 1], help="RL: evaluate the base before training (1) or skip it (0)")
     a("--sample-every", type=int, default=20, help="RL steps between PNG grids of rollouts (int)")
@@ -145,6 +150,8 @@ def get_args(argv=None):
     if args.rollouts % args.group:
         p.error(f"--rollouts ({args.rollouts}) must be a multiple of --group ({args.group}): "
                 "each group is G rollouts of one prompt")
+    if args.reward_style == "released" and not args.showo_dir:
+        p.error("--reward-style released needs --showo-dir: its mode-r rule reads a UnifyBench concept's extra_info facts")
     if args.adv_bessel and args.group < 2:
         p.error("--adv-bessel needs --group of 2 or more (Bessel's std of one reward is undefined)")
     if args.dgs and args.dgs_cap < args.group:
@@ -525,7 +532,8 @@ def collect(model, tok, world, args, rank, step, dgs_state):
                                          p["img"]["codes"][i] if "img" in p else None, p["finished"][i]))
     t1 = time.time()
     weights = {k: getattr(args, "w_" + k) for k in rewards.DEFAULT_WEIGHTS}
-    ctx = {"recognize": recognizer(model, tok), **(world.reward_ctx() if hasattr(world, "reward_ctx") else {})}
+    ctx = {"recognize": recognizer(model, tok), "reward_style": args.reward_style,
+           **(world.reward_ctx() if hasattr(world, "reward_ctx") else {})}
     r_text, r_img, comps = rewards.ensemble(rolls, weights, ctx)
     batch = cat_rows(parts)
     batch.update(r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
@@ -538,7 +546,7 @@ def collect(model, tok, world, args, rank, step, dgs_state):
             dist.all_reduce(t)
             att, above = t.tolist()
         timing.update(dgs_rho=above / att, dgs_attempts_per_rollout=att / (len(stats) * args.group), dgs_tau=dgs_state.tau)
-        dgs.update_tau(dgs_state, above / att)
+        (dgs.update_tau_released if args.dgs_tau_rule == "released" else dgs.update_tau)(dgs_state, above / att)
     return batch, rolls, timing
 
 

@@ -155,3 +155,12 @@ def test_order_counters_finish_once_and_state_dict():
     d = s.state_dict()
     assert type(d) is dict and dgs.DGSState.from_dict(d) == s
     assert dgs.DGSState.from_dict(d).state_dict() == d
+
+
+def test_released_tau_rule_moves_exactly_one_step_or_not_at_all():
+    for rho, want in [(0.0, 0.495), (0.25, 0.5), (0.13, 0.5), (0.36, 0.5), (1.0, 0.505)]:
+        s = dgs.DGSState(tau=0.5)
+        assert dgs.update_tau_released(s, rho) == pytest.approx(want), rho
+    s, b = dgs.DGSState(tau=0.5), dgs.DGSState(tau=0.5)
+    dgs.update_tau(s, 0.2)  # the bounded rule moves inside the dead band
+    assert s.tau != 0.5 and dgs.update_tau_released(b, 0.2) == 0.5

@@ -266,6 +266,7 @@ def test_preset_sets_only_flags_not_given(folders):
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
     assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
     assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.log_ratio_clamp, args.adv) == ("showo", "all", "sum", 10.0, "nostd")
+    assert (args.reward_style, args.dgs_tau_rule) == ("released", "released")
     assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = T.get_args([])
     assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
@@ -276,7 +277,8 @@ def test_preset_sets_only_flags_not_given(folders):
                                      ["--maskgit-sampler", "plain", "--image-estimator", "commit", "--loss-agg", "grpo"],
                                      ["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
                                      ["--maskgit-sampler", "plain", "--image-estimator", "masked", "--loss-agg", "dr_grpo"],
-                                     ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv", "std", "--adv-bessel"]])
+                                     ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv", "std", "--adv-bessel",
+                                      "--reward-style", "raw", "--dgs-tau-rule", "bounded"]])
 def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark",
                                "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL + choices
