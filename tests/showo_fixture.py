@@ -48,7 +48,8 @@ def write_unifybench(root, concepts=CONCEPTS):
             files.append(f)
         Image.fromarray(rng.integers(0, 256, (40, 33, 3), dtype=np.uint8)).save(test / "q.png")
         dump(train / "info.json", {"class": c["cls"], "info": c["info"], "extra_info": c["facts"]})
-        dump(train / "conversations.json", {f: [{"question": f"what colour is <{name}> ?", "answer": "brown"}] for f in files[:2]})
+        ask = "query" if name == "mug" else "question"  # the released files name it `query`; both are read
+        dump(train / "conversations.json", {f: [{ask: f"what colour is <{name}> ?", "answer": "brown"}] for f in files[:2]})
         dump(test / "vqa.json", [{"image": "q.png", "question": f"is <{name}> in the photo ?", "answer": "yes"}])
         dump(test / "text_only.json", [{"question": f"where is <{name}> ?", "answer": "on the desk"}])
         dump(test / "t2i_conditions.json", {"personalized_driven_generation": c["requests"],

@@ -168,6 +168,7 @@ def test_unifybench_folder_with_real_images_loads(folders):
     assert len(bench.concepts[0].images) == 3  # two PNGs and a JPG of odd sizes
     kinds = [t.kind for t in bench.train_tasks]
     assert kinds.count("vqa") == 4 and kinds.count("kgen") == 4 and kinds.count("gen") == 2
+    assert [t.question for t in bench.train_tasks if t.kind == "vqa"][-1] == "what colour is <mug> ?"  # key `query`
     kgen = [t for t in bench.train_tasks if t.kind == "kgen"]
     assert kgen[1].question == "<bo> at its favourite place" and kgen[1].answer == "<bo> likes the beach"
     assert {t.kind for t in bench.test_tasks} == {"vqa", "textqa", "kgen", "gen"}
