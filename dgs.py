@@ -28,8 +28,9 @@ def _centered(R):
     return R - (ref + (R - ref).mean(dim=1, keepdim=True))
 
 
-def group_advantages(R, mode="std", eps=1e-4):
-    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable)."""
+def group_advantages(R, mode="std", eps=1e-4, correction=0):
+    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable).
+    correction=1: Bessel's std (n-1), as TRL; with G=1 that std is NaN, so the trainer refuses it."""
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
     if R.dim() != 2:
@@ -42,10 +43,10 @@ def group_advantages(R, mode="std", eps=1e-4):
     # 0/0 = NaN; the population std is 0, so the exact-zero numerator stays exactly 0.
     if mode == "std":
         # GRPO: A_i = (R_i - mean_G R) / (std_G R + eps)
-        scale = R.std(dim=1, keepdim=True, correction=0)
+        scale = R.std(dim=1, keepdim=True, correction=correction)
     else:
         # batch std (as TRL's scale_rewards="batch"): A_i = (R_i - mean_G R) / (std_batch R + eps)
-        scale = R.std(correction=0)
+        scale = R.std(correction=correction)
     return centered / (scale + eps)
 
 
@@ -127,6 +128,17 @@ def update_tau(state, rho):
     step = min(max(proposed - tau, -state.max_step), state.max_step)
     # stay strictly inside (0, 1): at 0 or 1 the power law can no longer move tau
     state.tau = min(max(tau + step, 1e-3), 1.0 - 1e-3)
+    return state.tau
+
+
+def update_tau_released(state, rho):
+    """The released threshold rule: propose tau ^ (1 + gain * (target - rho)) as update_tau does, but
+    move tau by exactly max_step toward it when it is more than max_step away, else not at all
+    (a dead band: at tau 0.5 it stays put for rho in about [0.13, 0.36])."""
+    proposed = state.tau ** (1.0 + state.gain * (state.target - rho))
+    if abs(proposed - state.tau) > state.max_step:
+        step = state.max_step if proposed > state.tau else -state.max_step
+        state.tau = min(max(state.tau + step, 1e-3), 1.0 - 1e-3)  # the same bounds as update_tau
     return state.tau
 
 

@@ -38,7 +38,8 @@ def draw(model, tok, prompts, args, temperature, generator=None, stop=None, stat
     uncond, n = [data.uncond_prompt(tok)] * len(prompts), tok.n_image_tokens
     if args.image_mode == "ar":
         return M.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
-    return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop)
+    return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
+                            sampler=args.maskgit_sampler)
 
 
 def batches(items, n):

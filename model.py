@@ -47,6 +47,7 @@ class Config:
     image_causal: bool = False
     layout: str = "nanosync"   # "showo": Show-o's masks and its <eoi> after every MaskGIT image
     mmu_id: int = -1           # Show-o's <|mmu|> task token (layout "showo")
+    qk_norm: bool = False      # per-head LayerNorm on queries and keys (Show-o's Phi; plain Phi-1.5 has none)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -64,10 +65,16 @@ class Attention(nn.Module):
         self.rot = int(self.hd * cfg.rotary_frac)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
+        if cfg.qk_norm:  # names as in transformers' PhiAttention, so Show-o's tensors load as they are
+            self.q_layernorm = nn.LayerNorm(self.hd, eps=cfg.ln_eps)
+            self.k_layernorm = nn.LayerNorm(self.hd, eps=cfg.ln_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.nh, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:  # before the rotary embedding, over each head's dims, as Show-o's Phi does
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         r = self.rot  # rotary only on the first `rot` dims of each head, as in Phi
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
@@ -228,15 +235,16 @@ def config_from_phi(d, name="config.json", **layout):
     missing = [k for k in PHI_KEYS if k not in d]
     if missing:
         raise ValueError(f"{name}: missing keys {missing}; expected a PhiForCausalLM config")
-    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"] or d.get("qk_layernorm"):
-        raise ValueError(f"{name}: grouped KV heads and qk_layernorm are not supported (Phi-1.5 uses neither)")
+    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"]:
+        raise ValueError(f"{name}: grouped KV heads are not supported (Phi-1.5 and Show-o use none)")
     rope = d.get("rope_parameters") or {}
     act = d.get("hidden_act", "gelu_new")
     return Config(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
                   n_embd=d["hidden_size"], n_inner=d["intermediate_size"],
                   rotary_frac=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
                   rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-                  ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh", **layout)
+                  ln_eps=d.get("layer_norm_eps", 1e-5), gelu="none" if act == "gelu" else "tanh",
+                  qk_norm=bool(d.get("qk_layernorm", False)), **layout)
 
 
 def read_weights_dir(path):
@@ -256,16 +264,19 @@ def read_weights_dir(path):
     return sd
 
 
-def from_pretrained(path, prefix="model.", root="", config=None, **layout):
+def from_pretrained(path, prefix="model.", root="", config=None, qk_from=None, **layout):
     """Load a local PhiForCausalLM folder (config.json + safetensors or .bin). Never touches the network.
     root: a prefix every weight name carries (Show-o keeps its Phi under `showo.`); config: the Phi
-    config dict to use instead of the folder's own config.json."""
+    config dict to use instead of the folder's own config.json. The config's qk_layernorm must agree
+    with the file: q/k LayerNorm tensors present <=> qk_layernorm true (qk_from: where that setting came from)."""
     name = os.path.join(path, "config.json")
     if config is None:
         config = read_json(name, "a local PhiForCausalLM checkpoint folder")
+    sd = read_weights_dir(path)
+    check_qk_norm(path, sd, bool(config.get("qk_layernorm", False)), qk_from or name)
     model = UnifiedModel(config_from_phi(config, name, **layout))
     ours = {}
-    for k, v in read_weights_dir(path).items():
+    for k, v in sd.items():
         if not k.startswith(root):
             continue
         k = k[len(root):]
@@ -277,6 +288,16 @@ def from_pretrained(path, prefix="model.", root="", config=None, **layout):
     if problem:
         raise ValueError(f"{path}: weights do not match the Phi layout under {root + prefix!r}: {problem}")
     return model
+
+
+def check_qk_norm(path, sd, want, source):
+    """The weight file decides whether q/k LayerNorm exists; a config saying otherwise is an error
+    (loading without the tensors would drop them silently and shift every logit)."""
+    has = any(".self_attn.q_layernorm." in k for k in sd)
+    if has != want:
+        raise ValueError(f"{path}: the weights {'hold' if has else 'lack'} per-head q/k LayerNorm tensors "
+                         f"(...self_attn.q_layernorm.*, k_layernorm.*) but {source} says qk_layernorm "
+                         f"{str(want).lower()}; use the checkpoint and config that belong together")
 
 
 def load_weights(model, sd, optional=None):
@@ -331,7 +352,12 @@ def load_showo(path, phi_dir=None):
                          "give the local Phi-1.5 folder whose config.json has them")
     else:
         phi = read_json(os.path.join(phi_dir, "config.json"), "Phi-1.5's config.json (a local microsoft/phi-1_5 folder)")
-    return from_pretrained(path, root="showo.", config={**phi, "vocab_size": sc["vocab_size"]}, **showo_layout(sc)), sc
+    # Show-o's own Phi class switches q/k LayerNorm on whatever Phi-1.5's config says (qk_layernorm false
+    # there); only Show-o's config.json may switch it off
+    qk = bool(sc.get("qk_layernorm", True))
+    src = f"{os.path.join(path, 'config.json')} ({'its qk_layernorm key' if 'qk_layernorm' in sc else 'Show-o turns it on by default'})"
+    return from_pretrained(path, root="showo.", config={**phi, "vocab_size": sc["vocab_size"], "qk_layernorm": qk},
+                           qk_from=src, **showo_layout(sc)), sc
 
 
 def config_dict(cfg):
@@ -513,22 +539,59 @@ def close_image(c, rows, valid):
     return torch.cat((rows, eoi), 1), torch.cat((valid, torch.ones_like(eoi, dtype=torch.bool)), 1), 1
 
 
+def showo_commits(n, steps):
+    """Show-o's MaskGIT schedule (t2i_generate): tokens committed at each step. After step s, with
+    r = (s+1)/T, floor(n cos(pi/2 r)) stay masked, computed in float32 as Show-o does and clamped to
+    [1, #unknown - 1] (at least one committed while two remain, at least one left masked); its last
+    step still returns a code for every position, so the one left masked is committed there."""
+    unknown, out = n, []
+    for s in range(steps):
+        r = torch.tensor((s + 1) / steps)  # float32, like Show-o's torch.tensor(ratio)
+        keep = int(torch.floor(n * torch.cos(r * (math.pi * 0.5))))
+        keep = 0 if s == steps - 1 else max(1, min(unknown - 1, keep))
+        out.append(unknown - keep)
+        unknown = keep
+    return out
+
+
+def showo_choice_temperature(step, steps, tau0=1.0):
+    """Show-o's Gumbel temperature at 0-indexed `step`: tau <- tau (1 - r) before each step's choice,
+    compounding from tau0 (T = 50: 0.31 at step 9, below 1e-3 after step 25)."""
+    tau = tau0
+    for j in range(step + 1):
+        tau *= 1.0 - (j + 1) / steps
+    return tau
+
+
+def gumbel(like, generator=None):
+    """Standard Gumbel noise -log(-log u), u ~ U(0,1), both logs clamped at 1e-20 as in Show-o."""
+    u = torch.rand(like.shape, generator=generator, device=like.device)
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
-                   state=None, stop=None, two_pass=False):
+                   state=None, stop=None, two_pass=False, sampler="plain"):
     """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
     (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
     prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
     state: codes [B,N] (-1 = still masked), logprobs [B,N] (at the commit step), step_of [B,N]
-    (commit step of each token), pred [B,N] (full current prediction: the DGS preview), step."""
+    (commit step of each token), pred [B,N] (full current prediction: the DGS preview), draws [B,T,N]
+    (what each step sampled at every position; visible ones keep their code), step.
+    sampler="showo" is Show-o's t2i_generate step: logits never tempered (`temperature` is instead
+    the starting Gumbel temperature tau0), confidence = log p + tau_s * Gumbel, tau_s from
+    showo_choice_temperature, commit counts from showo_commits."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = len(cond), n_tokens
     if state is None:
         state = dict(codes=torch.full((B, N), -1, dtype=torch.long, device=dev), logprobs=torch.zeros(B, N, device=dev),
-                     step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0)
+                     step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0,
+                     draws=torch.full((B, steps, N), -1, dtype=torch.int32, device=dev))
     ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
     ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
+    draws, showo = state["draws"].clone(), sampler == "showo"
+    logit_t = 1.0 if showo else temperature
     for s in range(state["step"], steps if stop is None else min(stop, steps)):
         x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
         inp, v, k = close_image(c, torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))
@@ -537,25 +600,54 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
             h = torch.cat([model.hidden(inp[r], v[r])[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
         else:
             h = model.hidden(inp, v)[:, img]
-        lp = code_logprobs(model, h[:B], h[B:], cfg_w, temperature)
-        drawn = pick(lp, temperature, generator=generator)
+        lp = code_logprobs(model, h[:B], h[B:], cfg_w, logit_t)
+        drawn = pick(lp, logit_t, generator=generator)
         klp = lp.gather(-1, drawn[..., None])[..., 0]
         masked = codes < 0
-        # from the schedule, not masked.sum(): no host sync per step
-        n_commit = (keep_masked(s - 1, steps, N) if s else N) - keep_masked(s, steps, N)
-        conf = klp.masked_fill(~masked, -float("inf"))
+        draws[:, s] = torch.where(masked, drawn, codes).int()
+        if showo:
+            n_commit = showo_commits(N, steps)[s]
+            conf = klp + showo_choice_temperature(s, steps, temperature) * gumbel(klp, generator)
+        else:  # from the schedule, not masked.sum(): no host sync per step
+            n_commit = (keep_masked(s - 1, steps, N) if s else N) - keep_masked(s, steps, N)
+            conf = klp
+        conf = conf.masked_fill(~masked, -float("inf"))
         commit = torch.zeros_like(masked).scatter(1, conf.topk(n_commit, dim=1).indices, True)
         codes = torch.where(commit, drawn, codes)
         lps = torch.where(commit, klp, lps)
         step_of = torch.where(commit, s, step_of)
-        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, drawn, codes), step=s + 1)
+        state = dict(codes=codes, logprobs=lps, step_of=step_of, pred=torch.where(masked, drawn, codes), step=s + 1, draws=draws)
     return state
 
 
-def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None):
+ESTIMATORS = ("commit", "commit-remask", "masked", "all")
+
+
+def estimator_terms(estimator, step_of, s):
+    """[S,B,N] bool: which positions an image log-prob estimator scores at each step s ([S,1,1]).
+    commit         the token committed at s (Mask-GRPO's "newly unmasked" tokens; nanosync's default)
+    commit-remask  commit, plus every position re-masked at s (Mask-GRPO's default estimator)
+    masked         every position still masked when step s starts (its sample of that step)
+    all            every position at every step, visible ones included (the released Sync-R1 code)"""
+    if estimator == "commit":
+        return step_of[None] == s
+    if estimator in ("commit-remask", "masked"):
+        return step_of[None] >= s
+    if estimator == "all":
+        return (step_of[None] >= -1) & (s >= 0)
+    raise ValueError(f"unknown image log-prob estimator {estimator!r}; choose one of {ESTIMATORS}")
+
+
+def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None,
+                     estimator="commit", draws=None, commit_lp=None):
     """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
     committed before s, the rest masked) and read the log-prob of each token committed at s.
-    Returns (lp [B,N], sel [B,N] bool, ent [B,N])."""
+    Returns (lp [B,N], sel [B,N] bool, ent [B,N]).
+    Other estimators (`estimator_terms`) score several terms per position, so they return one column
+    per (step, position): lp, sel, ent [B, S*N]. masked / all read each step's own sample (`draws`
+    [B,T,N] from the sampler); commit-remask scores a position re-masked at s by the log of the mass
+    its distribution puts below that step's lowest committed log-prob (`commit_lp` [B,N], the
+    sampler's), i.e. the probability that a fresh draw there would not have been kept."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
     ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
@@ -569,15 +661,46 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
     rows, vrows, k = close_image(c, rows, vrows)
     h = (trunk or model)(rows, vrows)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
-    hit = step_of[None] == s  # [S,B,N]: the token committed at step s is scored at step s
+    hit = estimator_terms(estimator, step_of, s)  # [S,B,N]: commit scores the token committed at step s at s
+    if estimator == "commit":
+        def fn(hc, hu, t):
+            return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
 
-    def fn(hc, hu, t):
-        return picked_and_entropy(code_logprobs(model, hc, hu, cfg_w, temperature), t)
+        out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, codes[None].expand(S, -1, -1)[hit])
+        lp = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 0]).sum(0)
+        ent = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 1]).sum(0)
+        return lp, hit.any(0), ent
+    return maskgit_terms(model, h, r, hit, s, codes, step_of, cfg_w, temperature, chunk, estimator, draws, commit_lp)
 
-    out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, codes[None].expand(S, -1, -1)[hit])
-    lp = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 0]).sum(0)
-    ent = torch.zeros(S, B, N, device=dev).masked_scatter(hit, out[:, 1]).sum(0)
-    return lp, hit.any(0), ent
+
+def maskgit_terms(model, h, r, hit, s, codes, step_of, cfg_w, temperature, chunk, estimator, draws, commit_lp):
+    """The several-terms-per-position estimators of maskgit_logprobs, one column per (step, position)."""
+    S, B, N = hit.shape
+    committed = step_of[None] == s
+    if estimator == "commit-remask":
+        target = codes[None].expand(S, -1, -1)
+        # the step's lowest kept confidence (plain sampler: confidence = log p); +inf where none was kept
+        thr = torch.where(committed, commit_lp[None], float("inf")).amin(-1, keepdim=True).expand(S, B, N)
+    else:
+        target = draws.permute(1, 0, 2)[s[:, 0, 0]].long()  # [S,B,N]: that step's sample, or the visible code
+        thr = torch.full((S, B, N), float("inf"), device=h.device)
+    remask = hit & ~committed & (estimator == "commit-remask")
+
+    def fn(hc, hu, t, th, rm):
+        lp = code_logprobs(model, hc, hu, cfg_w, temperature)
+        out = picked_and_entropy(lp, t)
+        low = lp < th[:, None]
+        some = low.any(-1) & torch.isfinite(th)  # rows with no mass below, or a step that kept nothing: no term
+        below = torch.logsumexp(torch.where(low | ~some[:, None], lp, -float("inf")), -1)  # finite, so no NaN gradient
+        val = torch.where(rm, torch.where(some, below, -float("inf")), out[:, 0])
+        return torch.stack((val, out[:, 1]), -1)
+
+    out = _chunked(fn, int(hit.sum()), chunk, h[0][hit], h[1][hit] if r == 2 else None, target[hit], thr[hit], remask[hit])
+    lp = torch.zeros(S, B, N, device=h.device).masked_scatter(hit, out[:, 0])
+    ent = torch.zeros(S, B, N, device=h.device).masked_scatter(hit, out[:, 1])
+    sel = hit & torch.isfinite(lp)  # a re-masked term with no mass below the threshold has none to score
+    cols = lambda x: x.permute(1, 0, 2).reshape(B, S * N)
+    return cols(torch.where(sel, lp, 0.0)), cols(sel), cols(ent)
 
 
 # ----------------------------------------------------------------------------- autoregressive images

@@ -194,6 +194,76 @@ def clip_preview_score(gens, codes, ctx):
     return [0.65 * a + 0.35 * b for a, b in zip(clip_i(rolls, ctx), clip_t(rolls, ctx))]
 
 
+# ----------------------------------------------------------------------------- the released shaping
+# --reward-style released: the text, CLIP-I and judge scores as the released Sync-R1 code shapes them,
+# restated from its formulas (METHOD.md section 9); the raw style above stays the default.
+
+def nltk_char_bleu(reference, candidate, weights=(0.7, 0.3), eps=0.1):
+    """The released text score: NLTK's sentence BLEU over raw characters (no lower-casing), smoothing
+    method1 (a zero n-gram count becomes eps), 0 when no character matches; p_n = clipped n-gram
+    hits / max(1, candidate n-grams), BP = 1 if len(cand) > len(ref) else exp(1 - len(ref)/len(cand))."""
+    c, r = list(candidate), list(reference)
+    logs = []
+    for n, w in enumerate(weights, start=1):
+        cand = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+        ref = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        hits = sum(min(k, ref[g]) for g, k in cand.items())
+        if n == 1 and hits == 0:
+            return 0.0
+        logs.append(w * math.log((hits or eps) / max(1, sum(cand.values()))))
+    brevity = 1.0 if len(c) > len(r) else math.exp(1 - len(r) / len(c))
+    return brevity * math.exp(math.fsum(logs))
+
+
+def released_reasoning_score(answer, facts, asked):
+    """Mode r as released: char-BLEU of the reasoning against every fact, normalised to sum 1 (t),
+    d = squared distance of t to the one-hot of the asked fact, x = (2 - d) / 2, reward 0 if x <= 0.5
+    else 2 (x - 0.5). An exact statement scores below 1 whenever other facts share characters."""
+    scores = [nltk_char_bleu(f, answer) for f in facts]
+    total = sum(scores)
+    t = [v / total for v in scores] if total > 0 else [0.0] * len(scores)
+    d = sum((float(k == asked) - v) ** 2 for k, v in enumerate(t))
+    x = (2.0 - d) / 2.0
+    return 0.0 if x <= 0.5 else 2.0 * (x - 0.5)
+
+
+def recentred(vals, has, mean=0.8):
+    """The released per-rank shift: the scored rollouts' rewards moved so their mean is `mean`."""
+    if not has:
+        return vals
+    shift = sum(vals[i] for i in has) / len(has) - mean
+    return [v - shift if i in has else v for i, v in enumerate(vals)]
+
+
+def text_bleu_released(rollouts, ctx):
+    """Mode r (kgen): released_reasoning_score over the concept's facts; otherwise char-BLEU against
+    the reference answer. The answer is stripped, as the released code strips its decoded text."""
+    out = []
+    for r in rollouts:
+        if r.text is None:
+            out.append(0.0)
+        elif r.task.kind == "kgen":
+            out.append(released_reasoning_score(r.text.strip(), r.task.concept.facts, r.task.concept.facts.index(r.task.answer)))
+        else:
+            out.append(nltk_char_bleu(r.task.answer, r.text.strip()))
+    return out
+
+
+def clip_i_released(rollouts, ctx):
+    """Released CLIP-I: cosine < 0.5 gives 0, else 2 (cos - 0.5); then re-centred to mean 0.8 over the
+    rank's drawings (a shift inside a group: it changes logged rewards, not group advantages)."""
+    has = _drawn(rollouts, ctx)[0]
+    return recentred([0.0 if v < 0.5 else 2.0 * (v - 0.5) for v in clip_i(rollouts, ctx)], has)
+
+
+def judge_released(rollouts, ctx):
+    """Released judge: its score / 100 (the hook already answers in [0, 1]), re-centred to mean 0.8."""
+    return recentred(judge(rollouts, ctx), _drawn(rollouts, ctx)[0])
+
+
+RELEASED = {"text_bleu": text_bleu_released, "clip_i": clip_i_released, "judge": judge_released}
+
+
 TEXT = {"text_exact": text_exact, "text_bleu": text_bleu, "format": format_ok}
 IMAGE = {"identity": identity, "alignment": alignment, "knowledge": knowledge,
          "plausibility": plausibility, "cycle": cycle, "clip_i": clip_i, "clip_t": clip_t, "dino": dino, "judge": judge}
@@ -221,6 +291,7 @@ def ensemble(rollouts, weights, ctx):
         for name, fn in fns.items():
             if not weights.get(name):
                 continue  # weight 0: off, not even computed
+            fn = RELEASED.get(name, fn) if ctx.get("reward_style") == "released" else fn
             try:
                 vals = torch.tensor(fn(rollouts, ctx), dtype=torch.float)
             except Exception as e:

@@ -36,7 +36,11 @@ import unifybench
 
 PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
                          dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
-                         bf16=True, grad_ckpt=True,  # with these a 1.3B step fits one 80 GB GPU
+                         bf16=True, grad_ckpt=True, maskgit_sampler="showo",
+                         # the released loss: every position at every scored step, token sums, log-ratio clamp,
+                         # R - group mean; kept from nanosync: text policy gradient, mu = 2 (README, decisions)
+                         image_estimator="all", loss_agg="sum", log_ratio_clamp=10.0, adv="nostd",
+                         reward_style="released", dgs_tau_rule="released",  # with these a 1.3B step fits one 80 GB GPU
                          # the released mix R = 0.65 (0.4 CLIP-I + 0.6 judge) + 0.35 BLEU; every other reward off
                          **{f"w_{k}": 0.0 for k in rewards.DEFAULT_WEIGHTS} | dict(w_text_bleu=0.35, w_clip_i=0.26, w_judge=0.39))}
 

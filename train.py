@@ -59,6 +59,9 @@ def get_args(argv=None):
     # pretraining
     a("--steps", type=int, default=8, help="MaskGIT sampling steps T (int)")
     a("--cfg", type=float, default=1.0, help="classifier-free guidance weight w: (1+w)*cond - w*uncond")
+    a("--maskgit-sampler", default="plain", choices=["plain", "showo"],
+      help="plain = tempered logits, confidence log p, float64 cosine counts; showo = Show-o's t2i_generate step "
+           "(untempered logits, log p + Gumbel at a compounding temperature, its clamped float32 counts); showo in --preset showo")
     a("--p-uncond", type=float, default=0.1, help="share of generation examples with the prompt dropped (CFG training)")
     a("--iters", type=int, default=700, help="optimizer steps (int)")
     a("--batch", type=int, default=32, help="examples per optimizer step per rank (int)")
@@ -88,6 +91,16 @@ def get_args(argv=None):
       help="which reward each segment's advantage comes from: joint (both: text+image reward), split (text: text reward, "
            "image: image reward), causal (text: text+image reward, image: image reward)")
     a("--null-adv", action="store_true", help="null run: shuffle advantages within each group (same compute, no learning signal)")
+    a("--adv-bessel", action="store_true", help="advantage std with Bessel's correction (n-1, as TRL); default the population std (n)")
+    a("--image-estimator", default="commit", choices=list(M.ESTIMATORS),
+      help="MaskGIT log-prob terms per scored step: commit (token at its commit step), commit-remask (Mask-GRPO: plus "
+           "re-masked mass), masked (every masked position), all (every position, the released code); all in --preset showo")
+    a("--loss-agg", default="grpo", choices=list(AGGREGATIONS),
+      help="token aggregation per modality: grpo (token mean per rollout, then mean), dapo/bnpo (token mean over the "
+           "batch), dr_grpo (token sum / (rollouts x segment width)), sum (token sum, mean over rollouts: the released code)")
+    a("--log-ratio-clamp", type=float, default=0.0, help="clamp log(pi/pi_old) to +-this before exp (0 = off; the released code: 10)")
+    a("--ratio-level", default="token", choices=["token", "sequence"],
+      help="PPO ratio per token, or one per segment: exp(token mean of log-ratios) (GSPO)")
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
     a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
@@ -101,6 +114,11 @@ def get_args(argv=None):
     a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
     a("--dgs-target", type=float, default=0.25, help="target acceptance rate of previews")
     a("--diag-prompts", type=int, default=16, help="prompts (x G rollouts) of the base's learnability diagnostics before RL (0 = skip)")
+    a("--dgs-tau-rule", default="bounded", choices=["bounded", "released"],
+      help="bounded = toward the proposed tau by at most 0.005 per batch; released = exactly +-0.005 or not at all")
+    a("--reward-style", default="raw", choices=["raw", "released"],
+      help="released (Show-o path; default in --preset showo): NLTK-method1 char-BLEU on raw text, mode r's normalised "
+           "BLEU over all facts, CLIP-I thresholded at 0.5 and re-centred to 0.8, judge re-centred to 0.8")
     a("--drop-zero-var", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are all equal")
     a("--eval-base", type=int, default=1, choices=[0, 1], help="RL: evaluate the base before training (1) or skip it (0)")
     a("--sample-every", type=int, default=20, help="RL steps between PNG grids of rollouts (int)")
@@ -147,6 +165,10 @@ def check_args(p, args):
     if args.rollouts % args.group:
         p.error(f"--rollouts ({args.rollouts}) must be a multiple of --group ({args.group}): "
                 "each group is G rollouts of one prompt")
+    if args.reward_style == "released" and not args.showo_dir:
+        p.error("--reward-style released needs --showo-dir: its mode-r rule reads a UnifyBench concept's extra_info facts")
+    if args.adv_bessel and args.group < 2:
+        p.error("--adv-bessel needs --group of 2 or more (Bessel's std of one reward is undefined)")
     if args.dgs and args.dgs_cap < args.group:
         p.error(f"--dgs-cap ({args.dgs_cap}) must be at least --group ({args.group})")
     if args.n_embd % args.n_head:
@@ -543,7 +565,13 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
 
 
 def rl_sampling(args):
-    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg)
+    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg, maskgit_sampler=args.maskgit_sampler)
+
+
+def image_temperature(args):
+    """The temperature of the image log-probs: Show-o's sampler never tempers its logits (its
+    temperature scales the Gumbel noise of the choice), so its scorer reads them at 1."""
+    return 1.0 if args.maskgit_sampler == "showo" else args.temperature
 
 
 def rows(p, idx):
@@ -638,7 +666,8 @@ def collect(model, tok, world, args, rank, step, dgs_state):
                                          p["img"]["codes"][i] if "img" in p else None, p["finished"][i]))
     t1 = time.time()
     weights = {k: getattr(args, "w_" + k) for k in rewards.DEFAULT_WEIGHTS}
-    ctx = {"recognize": recognizer(model, tok), **(world.reward_ctx() if hasattr(world, "reward_ctx") else {})}
+    ctx = {"recognize": recognizer(model, tok), "reward_style": args.reward_style,
+           **(world.reward_ctx() if hasattr(world, "reward_ctx") else {})}
     r_text, r_img, comps = rewards.ensemble(rolls, weights, ctx)
     batch = cat_rows(parts)
     batch.update(r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
@@ -676,9 +705,11 @@ def diagnostics_table(d):
 
 # ----------------------------------------------------------------------------- Sync-GRPO: the loss
 
-def ppo_clip(new_lp, old_lp, adv, eps_low, eps_high):
-    """Token-level clipped surrogate (PPO / GRPO): -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi/pi_old."""
-    ratio = torch.exp(new_lp - old_lp)
+def ppo_clip(new_lp, old_lp, adv, eps_low, eps_high, log_clamp=0.0):
+    """Token-level clipped surrogate (PPO / GRPO): -min(r A, clip(r, 1-eps, 1+eps_high) A), r = pi/pi_old;
+    log_clamp > 0 bounds log r to +-log_clamp first (the released code's guard against overflow)."""
+    d = new_lp - old_lp
+    ratio = torch.exp(d.clamp(-log_clamp, log_clamp) if log_clamp else d)
     return -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv), ratio
 
 
@@ -697,7 +728,34 @@ def segment_mean(x, mask):
     return (per * has).sum() / has.sum().clamp(min=1)
 
 
-FORMULAS = {"advantages": dgs.group_advantages, "ppo_clip": ppo_clip, "k3_kl": k3_kl, "segment_mean": segment_mean}
+def batch_token_mean(x, mask):
+    """DAPO / BNPO aggregation: one token mean over every scored token of the batch (long rollouts weigh more)."""
+    m = mask.float()
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def dr_grpo_sum(x, mask):
+    """Dr. GRPO aggregation: token sum / (rollouts x segment width); the width stands in for TRL's
+    max_completion_length (text: the longest answer of the batch; image: every scored column)."""
+    return (x * mask).sum() / (mask.shape[0] * mask.shape[-1])
+
+
+def rollout_sum(x, mask):
+    """The released code's aggregation: token sum per rollout, mean over rollouts."""
+    return (x * mask).sum(-1).mean()
+
+
+def sequence_log_ratio(new_lp, old_lp, mask):
+    """GSPO's sequence-level importance ratio, in logs: token mean of log(pi/pi_old) over the segment,
+    broadcast to its tokens so the clipped surrogate acts once per segment."""
+    m = mask.float()
+    return (((new_lp - old_lp) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(new_lp)
+
+
+AGGREGATIONS = {"grpo": segment_mean, "dapo": batch_token_mean, "bnpo": batch_token_mean, "dr_grpo": dr_grpo_sum,
+                "sum": rollout_sum}
+FORMULAS = {"advantages": dgs.group_advantages, "ppo_clip": ppo_clip, "k3_kl": k3_kl, "segment_mean": segment_mean,
+            **{f"agg_{k}": f for k, f in AGGREGATIONS.items()}, "sequence_log_ratio": sequence_log_ratio}
 
 
 def compiled(args):
@@ -723,7 +781,8 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
             lp, sel, ent = M.ar_image_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
         else:
             lp, sel, ent = M.maskgit_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], im["step_of"], steps_sel,
-                                              args.rl_cfg, args.temperature, args.chunk, trunk)
+                                              args.rl_cfg, image_temperature(args), args.chunk, trunk,
+                                              args.image_estimator, im["draws"], im["logprobs"])
         out["image"] = (lp, sel, ent)
     return out
 
@@ -739,6 +798,16 @@ def surprising_steps(img, T, k):
     return sorted(sur.topk(k).indices.tolist())
 
 
+def rescored_old_image(raw, tok, batch, args, steps_sel):
+    """pi_old of the image terms for estimators other than commit: the sampler stored one log-prob per
+    token (at its commit step), these score other terms, so the rollout policy scores them once,
+    without gradient, before the first update (as the released code keeps its per-step log-probs)."""
+    if args.image_estimator == "commit" or args.image_mode != "maskgit" or batch.get("img") is None:
+        return None
+    with torch.no_grad():
+        return score_batch(raw, raw, tok, {**batch, "toks": None}, args, steps_sel)["image"][0]
+
+
 def old_logprobs(batch, key):
     return batch["lp"] if key == "text" else batch["img"]["logprobs"]
 
@@ -751,7 +820,8 @@ def advantages(batch, args, F, step):
     R_text, R_img = batch["r_text"], batch["r_img"]
     text_R = R_text if args.credit == "split" else R_text + R_img
     img_R = R_img if args.credit in ("split", "causal") else R_text + R_img
-    A = {"text": F["advantages"](text_R, args.adv), "image": F["advantages"](img_R, args.adv)}
+    c = int(args.adv_bessel)
+    A = {"text": F["advantages"](text_R, args.adv, correction=c), "image": F["advantages"](img_R, args.adv, correction=c)}
     if args.null_adv:
         A = dgs.shuffle_within_groups(A, torch.Generator().manual_seed(random.Random(f"null/{args.seed}/{step}").randrange(2**63)))
     return A
@@ -768,19 +838,21 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
     if args.beta and ref is not None:  # beta = 0 skips the reference forward entirely
         with torch.no_grad():
             ref_lp = {k: v[0] for k, v in score_batch(ref, ref, tok, batch, args, steps_sel).items()}
+    old_img = rescored_old_image(raw, tok, batch, args, steps_sel)
     stats = {}
     raw.train()
     for inner in range(args.mu):
         scored = score_batch(model, raw, tok, batch, args, steps_sel)
         loss = 0.0
         for key, (lp, mask, ent) in scored.items():
-            old = old_logprobs(batch, key).to(lp.device)
+            old = (old_img if key == "image" and old_img is not None else old_logprobs(batch, key)).to(lp.device)
             if keep is not None:
                 mask = mask & keep.repeat_interleave(args.group)[:, None].to(mask.device)
             a = adv[key].to(lp.device)[:, None]
-            obj, ratio = F["ppo_clip"](lp, old, a, args.eps, args.eps_high or args.eps)
+            new_in, old_in = (F["sequence_log_ratio"](lp, old, mask), 0.0) if args.ratio_level == "sequence" else (lp, old)
+            obj, ratio = F["ppo_clip"](new_in, old_in, a, args.eps, args.eps_high or args.eps, args.log_ratio_clamp)
             kl = F["k3_kl"](lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
-            loss = loss + getattr(args, f"w_{key}_loss") * F["segment_mean"](obj + args.beta * kl, mask)
+            loss = loss + getattr(args, f"w_{key}_loss") * F[f"agg_{args.loss_agg}"](obj + args.beta * kl, mask)
             with torch.no_grad():
                 r = ratio[mask]
                 if not r.numel():  # the sampled MaskGIT steps committed no token (few image tokens, many steps)
@@ -885,7 +957,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         if "dgs_attempts" in row:  # DGS: tau moves once per batch, by the acceptance rate of the global batch
             att, above = all_sum([row.pop("dgs_attempts"), row.pop("dgs_above")], device)
             row.update(dgs_rho=above / att, dgs_attempts_per_rollout=att / (world_size * args.rollouts), dgs_tau=dgs_state.tau)
-            dgs.update_tau(dgs_state, above / att)
+            (dgs.update_tau_released if args.dgs_tau_rule == "released" else dgs.update_tau)(dgs_state, above / att)
         for name, d in diagnostics(batch, rolls, args.group).items():
             row.update({f"r_{name}_{k}": v for k, v in d.items() if k != "groups"})
         t = time.time()

@@ -94,8 +94,10 @@ def _qa(concept, path, rows, kind):
     """Tasks from (image path or None, {"question", "answer"}) rows of one file."""
     tasks = []
     for image, entry in rows:
+        if isinstance(entry, dict) and "question" not in entry and "query" in entry:
+            entry = {**entry, "question": entry["query"]}  # the released UnifyBench names the question `query`
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("question", "answer")):
-            raise ValueError(f"{path}: entry {entry!r} needs string 'question' and 'answer'")
+            raise ValueError(f"{path}: entry {entry!r} needs string 'question' (or 'query') and 'answer'")
         meta = {"source": path.name} | ({"image_path": str(_check_image(image))} if image else {})
         tasks.append(data.Task(kind, concept, entry["question"], entry["answer"], meta=meta))
     return tasks

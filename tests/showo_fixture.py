@@ -48,7 +48,8 @@ def write_unifybench(root, concepts=CONCEPTS):
             files.append(f)
         Image.fromarray(rng.integers(0, 256, (40, 33, 3), dtype=np.uint8)).save(test / "q.png")
         dump(train / "info.json", {"class": c["cls"], "info": c["info"], "extra_info": c["facts"]})
-        dump(train / "conversations.json", {f: [{"question": f"what colour is <{name}> ?", "answer": "brown"}] for f in files[:2]})
+        ask = "query" if name == "mug" else "question"  # the released files name it `query`; both are read
+        dump(train / "conversations.json", {f: [{ask: f"what colour is <{name}> ?", "answer": "brown"}] for f in files[:2]})
         dump(test / "vqa.json", [{"image": "q.png", "question": f"is <{name}> in the photo ?", "answer": "yes"}])
         dump(test / "text_only.json", [{"question": f"where is <{name}> ?", "answer": "on the desk"}])
         dump(test / "t2i_conditions.json", {"personalized_driven_generation": c["requests"],
@@ -95,15 +96,18 @@ def phi_config(vocab, shape="tiny"):
                      num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
 
 
-def write_showo(path, phi_dir, sc, fmt="safetensors", shape="tiny", seed=0):
-    """A random PhiForCausalLM built as Show-o builds it (text vocabulary, then embeddings resized to the
-    joint one) and saved as Show-o does: keys under `showo.`. The Phi config, text vocabulary only as in
-    a Phi folder, goes to phi_dir (Show-o's own config.json has no architecture). Returns the HF model."""
+def write_showo(path, phi_dir, sc, fmt="safetensors", shape="tiny", seed=0, qk_layernorm=True):
+    """A random PhiForCausalLM built as Show-o builds it (its Phi with per-head q/k LayerNorm, text
+    vocabulary, then embeddings resized to the joint one) and saved as Show-o does: keys under `showo.`,
+    so `showo.model.layers.i.self_attn.q_layernorm.weight` etc. The Phi config goes to phi_dir as
+    microsoft/phi-1_5 has it (text vocabulary, qk_layernorm false: Show-o's class turns it on), since
+    Show-o's own config.json has no architecture. Returns the HF model."""
     from safetensors.torch import save_file
     from transformers import PhiForCausalLM
     torch.manual_seed(seed)
     cfg = phi_config(sc["llm_vocab_size"], shape)
     cfg.save_pretrained(phi_dir)
+    cfg.qk_layernorm = qk_layernorm
     hf = PhiForCausalLM(cfg).eval()
     hf.resize_token_embeddings(sc["vocab_size"])
     if shape == "tiny":

@@ -189,3 +189,12 @@ def test_null_advantages_keep_each_groups_multiset():
     # one permutation for both segments: a rollout's text and image advantages move together
     idx = (A["text"][:, :, None] == B["text"][:, None, :]).float().argmax(1)
     assert torch.equal(A["image"].gather(1, idx), B["image"])
+
+
+def test_released_tau_rule_moves_exactly_one_step_or_not_at_all():
+    for rho, want in [(0.0, 0.495), (0.25, 0.5), (0.13, 0.5), (0.36, 0.5), (1.0, 0.505)]:
+        s = dgs.DGSState(tau=0.5)
+        assert dgs.update_tau_released(s, rho) == pytest.approx(want), rho
+    s, b = dgs.DGSState(tau=0.5), dgs.DGSState(tau=0.5)
+    dgs.update_tau(s, 0.2)  # the bounded rule moves inside the dead band
+    assert s.tau != 0.5 and dgs.update_tau_released(b, 0.2) == 0.5

@@ -1,4 +1,7 @@
 """Model behaviour: Phi parity, omni-attention, KV-cache decoding, samplers vs scorers."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -18,21 +21,38 @@ def tiny(image_causal=False, seed=0):
     return m
 
 
-def test_phi_parity(tmp_path):
+@pytest.mark.parametrize("qk", [False, True])
+def test_phi_parity(tmp_path, qk):
     from transformers import PhiConfig, PhiForCausalLM
     torch.manual_seed(0)
     hf_cfg = PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
+                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128, qk_layernorm=qk)
     hf = PhiForCausalLM(hf_cfg).eval()
     for p in hf.parameters():
         p.data.normal_(0, 0.1)
     hf.save_pretrained(tmp_path)
     ours = M.from_pretrained(str(tmp_path)).eval()
+    assert ours.cfg.qk_norm == qk and hasattr(ours.layers[1].self_attn, "k_layernorm") == qk
     idx = torch.randint(0, 97, (3, 21))
     with torch.no_grad():
         ref = hf(idx).logits
         got = ours.logits(idx)
     assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_qk_norm_config_and_file_must_agree(tmp_path):
+    from transformers import PhiConfig, PhiForCausalLM
+    cfg = PhiConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, max_position_embeddings=64, qk_layernorm=True)
+    PhiForCausalLM(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "qk_layernorm": False}))
+    with pytest.raises(ValueError, match="hold per-head q/k LayerNorm.*says qk_layernorm false"):
+        M.from_pretrained(str(tmp_path))
+    cfg.qk_layernorm = False
+    PhiForCausalLM(cfg).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="lack per-head q/k LayerNorm.*says qk_layernorm true"):
+        M.from_pretrained(str(tmp_path / "plain"), config={**conf, "qk_layernorm": True})
 
 
 def test_from_pretrained_missing_folder(tmp_path):
@@ -161,6 +181,77 @@ def test_maskgit_preview_and_resume_equal_one_run():
     assert (part["pred"] >= 0).all() and (part["codes"] < 0).any()  # preview is a full image
     done = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, state=part)
     assert torch.equal(done["codes"], full["codes"])
+
+
+def show_o_rule(N, T):
+    """Tokens committed per step by Show-o's t2i_generate, restated here: mask_len = floor(N cos(pi/2 r))
+    as a float32 tensor, clamped to [1, unknown - 1]; the returned sample fills what stays masked."""
+    unknown, counts = N, []
+    for step in range(T):
+        ratio = torch.tensor(1.0 * (step + 1) / T)
+        mask_len = (N * torch.cos(ratio * math.pi * 0.5)).floor()
+        mask_len = max(1, min(unknown - 1, int(mask_len)))
+        counts.append(unknown - mask_len)
+        unknown = mask_len
+    counts[-1] += unknown
+    return counts
+
+
+@pytest.mark.parametrize("N,T_", [(1024, 12), (1024, 18), (1024, 50), (256, 50), (64, 8)])
+def test_showo_sampler_commits_as_show_o(N, T_):
+    m = tiny()
+    st = M.sample_maskgit(m, [[1, 4, 3]], [[1, 3]], N, T_, 2.0, generator=torch.Generator().manual_seed(0), sampler="showo")
+    assert ((st["codes"] >= 0) & (st["codes"] < K)).all()  # every position filled at the end
+    got = torch.bincount(st["step_of"][0], minlength=T_).tolist()
+    assert got == show_o_rule(N, T_) == M.showo_commits(N, T_)
+    if (N, T_) == (1024, 12):  # the plain float64 floor-difference schedule is not Show-o's here
+        assert [M.keep_masked(s - 1, T_, N) - M.keep_masked(s, T_, N) if s else N - M.keep_masked(0, T_, N)
+                for s in range(T_)] != got
+
+
+def test_showo_sampler_is_seeded_untempered_and_compounds_its_temperature():
+    m = tiny()
+    cond, uncond = [[1, 4, 5, 3], [2, 6, 3]], [[1, 3], [1, 3]]
+
+    def run(seed, temperature=1.0):
+        return M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, temperature, torch.Generator().manual_seed(seed), sampler="showo")
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["logprobs"], b["logprobs"])
+    assert not torch.equal(a["codes"], c["codes"])
+    # log-probs are those of the untempered CFG logits, whatever the (Gumbel) temperature
+    for st in (a, run(0, temperature=3.0)):
+        lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], list(range(6)), 1.5, 1.0)
+        assert sel.all() and torch.allclose(lp, st["logprobs"], atol=1e-5)
+    assert M.showo_choice_temperature(0, 50) == pytest.approx(0.98)
+    assert M.showo_choice_temperature(9, 50) == pytest.approx(math.prod(1 - j / 50 for j in range(1, 11)))
+    assert M.showo_choice_temperature(9, 50) == pytest.approx(0.31, abs=0.01) and M.showo_choice_temperature(26, 50) < 1e-3
+
+
+@pytest.mark.parametrize("estimator", M.ESTIMATORS)
+def test_image_estimators_score_their_positions(estimator):
+    """A hand-built 5-token, 3-step trajectory scored at step 1: which positions, which tokens, what value."""
+    m = tiny()
+    codes, step_of = torch.tensor([[5, 7, 2, 9, 11]]), torch.tensor([[0, 1, 2, 1, 2]])
+    draws = torch.tensor([[[5, 8, 3, 1, 0], [5, 7, 4, 9, 6], [5, 7, 2, 9, 11]]], dtype=torch.int32)
+    commit_lp = torch.tensor([[-1.0, -2.0, -3.0, -2.9, -0.5]])
+    lp, sel, _ = M.maskgit_logprobs(m, [[1, 4, 3]], [[1, 3]], codes, step_of, [1], estimator=estimator,
+                                    draws=draws, commit_lp=commit_lp)
+    with torch.no_grad():  # step 1's input: position 0 committed at step 0, the rest masked
+        full = m.logits(torch.tensor([[1, 4, 3, OFF + 5, MASK, MASK, MASK, MASK]]))[0, 3:, OFF:OFF + K].log_softmax(-1)
+    at = lambda j, t: full[j, t].item()
+    if estimator == "commit":
+        want = {1: at(1, 7), 3: at(3, 9)}
+    elif estimator == "masked":
+        want = {j: at(j, t) for j, t in zip(range(1, 5), [7, 4, 9, 6])}
+    elif estimator == "all":
+        want = {j: at(j, t) for j, t in enumerate([5, 7, 4, 9, 6])}
+    else:  # re-masked positions 2 and 4: the mass below the step's lowest kept log-prob, -2.9
+        below = lambda j: full[j][full[j] < -2.9].logsumexp(0).item()
+        want = {1: at(1, 7), 2: below(2), 3: at(3, 9), 4: below(4)}
+    assert sel[0].nonzero().flatten().tolist() == sorted(want)
+    for j, v in want.items():
+        assert lp[0, j].item() == pytest.approx(v, abs=1e-5)
+    assert (lp[~sel] == 0).all()
 
 
 @pytest.mark.parametrize("cfg_w", [0.0, 3.0])

@@ -114,3 +114,36 @@ def test_nan_or_raising_reward_stops_with_its_name(monkeypatch):
 def test_preview_score():
     gen = data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left", "pos": (1, 1)})
     assert R.preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65)]
+
+
+def test_released_char_bleu_by_hand():
+    """NLTK sentence BLEU on characters, weights 0.7/0.3, method1 smoothing (eps 0.1), by hand."""
+    B = R.nltk_char_bleu
+    assert B("abd", "abc") == pytest.approx((2 / 3) ** 0.7 * (1 / 2) ** 0.3)  # equal lengths: BP 1
+    assert B("ba", "ab") == pytest.approx(0.1 ** 0.3)                         # no bigram hit: 0.1 / 1
+    assert B("aaaa", "a") == pytest.approx(math.exp(1 - 4) * 0.1 ** 0.3)      # no bigram at all, BP e^-3
+    assert B("a", "A") == 0.0 and B("abc", "") == 0.0                          # raw characters; no unigram hit
+    assert B("ab", "ab ") == pytest.approx((2 / 3) ** 0.7 * (1 / 2) ** 0.3)   # not stripped: the space counts
+    assert B("abc", "abc") == pytest.approx(1.0)
+
+
+def test_released_reasoning_rule_by_hand():
+    facts = ["ab", "cd"]
+    assert R.released_reasoning_score("ab", facts, 0) == pytest.approx(1.0)  # no shared characters: t is one-hot
+    assert R.released_reasoning_score("ab", facts, 1) == 0.0                 # d = 2, x = 0
+    # shared characters: t = (1, b) / (1 + b), d = 2 (b / (1 + b))^2, reward = 2 ((2 - d) / 2 - 0.5)
+    b = R.nltk_char_bleu("ac", "ab")
+    t1 = b / (1 + b)
+    assert R.released_reasoning_score("ab", ["ab", "ac"], 0) == pytest.approx(2 * ((2 - 2 * t1 ** 2) / 2 - 0.5))
+    assert R.released_reasoning_score("zz", facts, 0) == 0.0                 # nothing matches: t = 0, d = 1, x = 0.5
+
+
+def test_released_clip_i_and_judge_shaping(monkeypatch):
+    rolls = [R.Rollout(None, object(), None, torch.zeros(4)) for _ in range(3)] + [R.Rollout(None, None)]
+    ctx = {"drawings": lambda rs: [1, 1, 1, None]}
+    monkeypatch.setattr(R, "clip_i", lambda rs, c: [0.4, 0.6, 0.9, 0.0])  # raw cosines of three drawings
+    got = R.clip_i_released(rolls, ctx)
+    shaped = [0.0, 0.2, 0.8]  # < 0.5 -> 0, else 2 (cos - 0.5); then mean 0.8 over the three drawings
+    assert got[:3] == pytest.approx([v - (sum(shaped) / 3 - 0.8) for v in shaped]) and got[3] == 0.0
+    judged = R.judge_released(rolls, dict(ctx, judge=lambda rs, c: [0.5, 0.7, 0.9, 0.0]))
+    assert judged[:3] == pytest.approx([0.6, 0.8, 1.0])

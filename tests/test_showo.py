@@ -50,6 +50,22 @@ def test_showo_checkpoint_matches_transformers(tmp_path, folders, fmt):
     assert (idx >= n + 10).any()
     with torch.no_grad():
         assert (hf(idx).logits - ours.eval().logits(idx)).abs().max().item() < 1e-4
+    # Show-o's names: the fixture's file holds q/k LayerNorm tensors and the model reads them
+    keys = list(M.read_weights_dir(str(tmp_path / "showo")))
+    assert "showo.model.layers.1.self_attn.k_layernorm.bias" in keys and ours.cfg.qk_norm
+    assert torch.equal(ours.layers[1].self_attn.k_layernorm.bias, hf.model.layers[1].self_attn.k_layernorm.bias)
+
+
+def test_showo_file_without_qk_norm_fails_unless_its_config_says_so(tmp_path, folders):
+    sc = M.showo_config(folders["showo_dir"])
+    hf = F.write_showo(tmp_path / "showo", tmp_path / "phi", sc, qk_layernorm=False)
+    with pytest.raises(ValueError, match="lack per-head q/k LayerNorm.*Show-o turns it on by default"):
+        M.load_showo(str(tmp_path / "showo"), str(tmp_path / "phi"))
+    F.dump(tmp_path / "showo" / "config.json", {**sc, "qk_layernorm": False})
+    ours, _ = M.load_showo(str(tmp_path / "showo"), str(tmp_path / "phi"))
+    idx = torch.randint(0, sc["llm_vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert not ours.cfg.qk_norm and (hf(idx).logits - ours.eval().logits(idx)).abs().max().item() < 1e-4
 
 
 def show_o_rules(idx, soi, eoi, mmu):
@@ -152,6 +168,7 @@ def test_unifybench_folder_with_real_images_loads(folders):
     assert len(bench.concepts[0].images) == 3  # two PNGs and a JPG of odd sizes
     kinds = [t.kind for t in bench.train_tasks]
     assert kinds.count("vqa") == 4 and kinds.count("kgen") == 4 and kinds.count("gen") == 2
+    assert [t.question for t in bench.train_tasks if t.kind == "vqa"][-1] == "what colour is <mug> ?"  # key `query`
     kgen = [t for t in bench.train_tasks if t.kind == "kgen"]
     assert kgen[1].question == "<bo> at its favourite place" and kgen[1].answer == "<bo> likes the beach"
     assert {t.kind for t in bench.test_tasks} == {"vqa", "textqa", "kgen", "gen"}
@@ -249,14 +266,23 @@ def test_preset_sets_only_flags_not_given(folders):
     args = T.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
     assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
+    assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.log_ratio_clamp, args.adv) == ("showo", "all", "sum", 10.0, "nostd")
+    assert (args.reward_style, args.dgs_tau_rule) == ("released", "released")
     assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = T.get_args([])
     assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
+    assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.log_ratio_clamp, plain.adv) == ("plain", "commit", "grpo", 0.0, "batchstd")
 
 
-def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders):
+@pytest.mark.parametrize("choices", [[],  # the preset: Show-o's sampler, every position at every step, token sums
+                                     ["--maskgit-sampler", "plain", "--image-estimator", "commit", "--loss-agg", "grpo"],
+                                     ["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
+                                     ["--maskgit-sampler", "plain", "--image-estimator", "masked", "--loss-agg", "dr_grpo"],
+                                     ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv", "std", "--adv-bessel",
+                                      "--reward-style", "raw", "--dgs-tau-rule", "bounded"]])
+def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark",
-                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL
+                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL + choices
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     policy = T.main(argv)
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -1,6 +1,7 @@
 """The training script end to end on a tiny world and model: checkpoints, ratio == 1 at the first inner
 update, compiled == eager formulas, resume == uninterrupted, DDP ranks identical, clear errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,10 +67,12 @@ def rl_batch(base, *extra):
     return args, tok, policy, batch, rolls
 
 
-@pytest.mark.parametrize("mix", ["both", "gen"])
-def test_ratio_is_one_at_first_inner_update(base, mix):
-    """Stored rollout log-probs == training log-probs: text, MaskGIT (at the commit step) or AR tokens."""
-    args, tok, policy, batch, _ = rl_batch(base, "--tasks", mix, "--rl-cfg", "1.5", "--temperature", "0.9")
+@pytest.mark.parametrize("mix,sampler", [("both", "plain"), ("gen", "plain"), ("gen", "showo")])
+def test_ratio_is_one_at_first_inner_update(base, mix, sampler):
+    """Stored rollout log-probs == training log-probs: text, MaskGIT (at the commit step) or AR tokens;
+    Show-o's sampler draws from untempered logits, so its scorer must read them untempered too."""
+    args, tok, policy, batch, _ = rl_batch(base, "--tasks", mix, "--rl-cfg", "1.5", "--temperature", "0.9",
+                                           "--maskgit-sampler", sampler)
     policy.train()
     scored = T.score_batch(policy, policy, tok, batch, args, list(range(args.steps)))
     assert ("text" in scored) == (mix == "both") and "image" in scored
@@ -110,6 +113,48 @@ def test_clipped_surrogate_and_kl_by_hand():
     assert torch.allclose(kl, torch.tensor([0.0, 2 - torch.log(torch.tensor(2.0)) - 1]))
     x, m = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
     assert T.segment_mean(x, m).item() == pytest.approx((2.0 + 4.0) / 2)
+
+
+def test_loss_aggregations_by_hand():
+    """Per-token losses of two rollouts (3 and 1 scored tokens, width 3), aggregated as TRL's loss_type does."""
+    x, m = torch.tensor([[1.0, 3.0, 2.0], [4.0, 7.0, 7.0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    want = {"grpo": (2.0 + 4.0) / 2, "dapo": 10.0 / 4, "bnpo": 10.0 / 4, "dr_grpo": 10.0 / (2 * 3), "sum": (6.0 + 4.0) / 2}
+    assert set(want) == set(T.AGGREGATIONS)
+    for k, v in want.items():
+        assert T.AGGREGATIONS[k](x, m).item() == pytest.approx(v), k
+
+
+def test_bessel_std_clamp_and_sequence_ratio_by_hand():
+    R = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    pop, bessel = dgs.group_advantages(R, "std", eps=0.0), dgs.group_advantages(R, "std", eps=0.0, correction=1)
+    assert torch.allclose(pop / bessel, torch.full_like(R, (4 / 3) ** 0.5))  # population std is sqrt(G/(G-1)) smaller
+    assert torch.allclose(bessel, (R - 1.5) / torch.tensor([0.0, 1, 2, 3]).std())
+    _, ratio = T.ppo_clip(torch.tensor([[20.0, -20.0, 0.5]]), torch.zeros(1, 3), torch.ones(1, 1), 0.2, 0.2, 10.0)
+    assert torch.allclose(ratio, torch.exp(torch.tensor([[10.0, -10.0, 0.5]])))  # log-ratio clamped to +-10
+    new, old = torch.tensor([[0.3, -0.1, 9.0], [0.2, 0.0, 0.0]]), torch.tensor([[0.1, 0.1, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    seq = T.sequence_log_ratio(new, old, mask)  # GSPO: the token mean of log-ratios, one per segment
+    assert torch.allclose(seq, torch.tensor([[0.0] * 3, [0.2] * 3]), atol=1e-6)
+
+
+def test_bessel_needs_a_group(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, "--adv-bessel", "--group", "1", "--rollouts", "4", "--dgs", "0")
+    assert "--adv-bessel needs --group" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
+                                   ["--image-estimator", "masked", "--loss-agg", "dr_grpo", "--maskgit-sampler", "showo"],
+                                   ["--image-estimator", "all", "--loss-agg", "sum", "--log-ratio-clamp", "10"],
+                                   ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv-bessel"]])
+def test_every_estimator_and_aggregation_trains_with_ratio_one_first(base, extra):
+    args, tok, policy, batch, _ = rl_batch(base, "--tasks", "both", "--rl-cfg", "1.5", *extra)
+    opt, sched = T.rl_optimizer(policy, args)
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+    assert stats["image_ratio_dev_first"] < 1e-5 and stats["text_ratio_dev_first"] < 1e-5
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
 def params(path):
