@@ -123,6 +123,20 @@ def paired_gain(before, after, metric):
     return mean(d), stderr(d)
 
 
+def reward_rise(rewards, k=5):
+    """Did the training reward rise beyond its noise? (mean of the last k steps - mean of the first k,
+    the residual step-to-step std around a least-squares line through all steps, their ratio)."""
+    n = len(rewards)
+    if n < 2 * k:
+        return dict(rise=float("nan"), residual_std=float("nan"), ratio=float("nan"))
+    rise = mean(rewards[-k:]) - mean(rewards[:k])
+    xm, ym = (n - 1) / 2, mean(rewards)
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(rewards)) / sum((i - xm) ** 2 for i in range(n))
+    resid = [y - (ym + slope * (i - xm)) for i, y in enumerate(rewards)]
+    sd = math.sqrt(sum(r * r for r in resid) / (n - 2))
+    return dict(rise=rise, residual_std=sd, ratio=rise / sd if sd > 0 else float("inf"))
+
+
 def rows(res):
     """The metrics a result holds, in table order (the held-out reward last, when measured)."""
     return [m for m in METRICS + ["reward"] if m in res]

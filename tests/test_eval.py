@@ -1,5 +1,8 @@
 """Held-out metrics on hand-built answers: recognition is the weighted (class-balanced) accuracy."""
 import argparse
+import math
+
+import pytest
 
 import torch
 
@@ -38,3 +41,23 @@ class _Dummy:
 
     def eval(self):
         return self
+
+
+def test_reward_rise_against_residual_noise():
+    flat = [0.5, 0.6, 0.4, 0.5, 0.6, 0.4, 0.5, 0.6, 0.4, 0.5]
+    r = E.reward_rise(flat)
+    assert abs(r["rise"]) < 0.05 and r["residual_std"] > 0.05
+    line = [0.1 * i for i in range(10)]  # a clean rise: +0.5 between the windows, no residual
+    r = E.reward_rise(line)
+    assert r["rise"] == pytest.approx(0.5) and r["residual_std"] < 1e-9
+    noisy = [0.1 * i + (0.02 if i % 2 else -0.02) for i in range(10)]
+    r = E.reward_rise(noisy)
+    assert r["residual_std"] == pytest.approx(0.0211, abs=1e-3) and r["ratio"] > 20
+    assert math.isnan(E.reward_rise([0.1] * 9)["rise"])  # fewer than 2 x 5 steps
+
+
+def test_paired_gain_and_its_standard_error():
+    before = {"vqa": 0.5, "items": {"vqa": [0.0, 1.0, 0.0, 1.0]}}
+    after = {"vqa": 0.75, "items": {"vqa": [1.0, 1.0, 0.0, 1.0]}}
+    gain, se = E.paired_gain(before, after, "vqa")
+    assert gain == pytest.approx(0.25) and se == pytest.approx(0.25)  # differences 1, 0, 0, 0
