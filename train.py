@@ -1020,12 +1020,14 @@ def held_out_eval(policy, tok, world, held_out, args):
     """UnifyBench-style held-out metrics (eval.evaluate) plus the held-out mean reward: the RL objective
     itself on --eval-reward-prompts prompts of the run's task mix about held-out concepts, G rollouts
     each, DGS off, from fixed seeds (the same for the base and the trained model: paired)."""
+    t0 = time.time()
     res = E.evaluate(policy, tok, held_out, args)
     if args.eval_reward_prompts:
         hargs = argparse.Namespace(**{**vars(args), "rollouts": args.eval_reward_prompts * args.group, "dgs": 0})
         batch, _, _ = collect(policy, tok, data.World(world.test, [], world.seed), hargs, 0, -2, None)
         per_prompt = (batch["r_text"] + batch["r_img"]).mean(1).tolist()
         res["reward"], res["se"]["reward"], res["items"]["reward"] = E.mean(per_prompt), E.stderr(per_prompt), per_prompt
+    res["seconds"] = round(time.time() - t0, 1)
     return res
 
 
