@@ -170,19 +170,24 @@ class UnifiedModel(nn.Module):
         emb = torch.cat((f, f), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def hidden(self, idx, valid=None, pos=None, cache=None, start=0, past=None):
+    def hidden(self, idx, valid=None, pos=None, cache=None, start=0, past=None, causal=False):
         """Final-layernormed hidden states [B,T,D]. With `cache`, the chunk is written at `start` and
         attends to everything cached before it (prefill with start=0 uses the omni mask; later chunks
         are single decode steps and see every valid earlier key). A tensor `start` is the fixed-shape
         form used by the compiled decode step: `valid` then covers the whole cache and every key is read.
         `past`: per-layer (keys, values) of a prefix (prompt_kv); `valid` then spans prefix + chunk and the
-        chunk attends to every valid prefix key and to all of itself (an image block after its prompt)."""
+        chunk attends to every valid prefix key and to all of itself (an image block after its prompt), or
+        with causal=True to itself causally (text after its prompt)."""
         if valid is None:
             valid = torch.ones_like(idx, dtype=torch.bool)
         if pos is None:  # left padding: positions count real tokens only, same in sampler and scorer
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         if past is not None:
             mask = valid[:, None, None, :]
+            if causal:  # as omni_mask: causal over valid keys, and a padded query still sees itself
+                L = valid.shape[1]
+                q, k = torch.arange(L - idx.shape[1], L, device=idx.device)[:, None], torch.arange(L, device=idx.device)
+                mask = (mask & (k <= q)) | (k == q)
         elif torch.is_tensor(start):  # fixed-shape decode step: `valid` spans the whole cache, unwritten = False
             cols = torch.arange(valid.shape[1], device=idx.device)
             mask = (valid | ((cols >= start) & (cols < start + idx.shape[1])))[:, None, None, :]
@@ -201,11 +206,11 @@ class UnifiedModel(nn.Module):
                 x = block(x, cos, sin, mask, None if cache is None else cache[i], start, None if past is None else past[i])
         return self.final_layernorm(x)
 
-    def forward(self, idx, valid=None, prompt=None, groups=None):
+    def forward(self, idx, valid=None, prompt=None, groups=None, causal=False):
         """The trainer's entry point (through the DDP wrapper, so gradients are averaged): hidden states;
         the heads below read only the rows of lm_head they need.
         prompt=(ids, valid, src): row i of idx continues prompt row src[i], whose keys/values are computed
-        once for all rows continuing it (prompt_kv); valid then covers idx only.
+        once for all rows continuing it (prompt_kv); valid then covers idx only; causal: idx is text.
         groups: [G, rows] row indices; with grad on, each group's forward is checkpointed, so backward
         recomputes and frees one group at a time (one MaskGIT step's activations), gradients accumulating."""
         if valid is None:
@@ -217,7 +222,7 @@ class UnifiedModel(nn.Module):
                 return self.hidden(idx[rows], valid[rows])
             src = prompt[2][rows]
             past = [(kv[2 * i][src], kv[2 * i + 1][src]) for i in range(len(kv) // 2)]
-            return self.hidden_after(past, prompt[1][src], idx[rows], valid[rows])
+            return self.hidden_after(past, prompt[1][src], idx[rows], valid[rows], causal)
 
         if groups is None:
             return run(slice(None), *kv)
@@ -231,12 +236,13 @@ class UnifiedModel(nn.Module):
         self.hidden(ids, valid, cache=cache)
         return cache
 
-    def hidden_after(self, past, pre_valid, idx, valid):
+    def hidden_after(self, past, pre_valid, idx, valid, causal=False):
         """hidden() of chunks idx [R,L] that follow prompts whose prompt_kv is `past` (valid pre_valid):
-        positions continue the prompt's, and the chunk sees every valid prompt key and all of itself."""
+        positions continue the prompt's, and the chunk sees every valid prompt key and all of itself
+        (causal=False: an image block) or its own earlier tokens (causal=True: text)."""
         full = torch.cat((pre_valid, valid), 1)
         pos = (full.long().cumsum(1) - 1).clamp(min=0)[:, -idx.shape[1]:]
-        return self.hidden(idx, full, pos=pos, past=past)
+        return self.hidden(idx, full, pos=pos, past=past, causal=causal)
 
     def logits(self, idx, valid=None):
         return self.lm_head(self.hidden(idx, valid))
@@ -449,6 +455,30 @@ def _chunked(fn, n, chunk, *xs):
     return torch.cat(outs)
 
 
+def unique_prompts(seqs, device=None):
+    """(distinct prompts in first-seen order, src [len(seqs)]: each row's index among them): a group's G
+    rollouts and every unconditional CFG row share a prompt, whose keys/values are then computed once."""
+    seen = {}
+    src = [seen.setdefault(tuple(s), len(seen)) for s in seqs]
+    return [list(s) for s in seen], torch.tensor(src, dtype=torch.long, device=device)
+
+
+def answer_hidden(model, prompts, toks, mask, pad_id, trunk=None, reuse_prompt=True):
+    """Hidden states [B,L,D] whose row t predicts answer token toks[:, t] after prompts (id lists); mask:
+    the valid answer tokens. reuse_prompt: each distinct prompt but its last token runs once (prompt_kv),
+    the last token and the answer per row; False runs prompt + answer per row. Same numbers either way."""
+    dev = toks.device
+    if not reuse_prompt:
+        ids, valid = pad_left(prompts, pad_id, dev)
+        T, L = ids.shape[1], toks.shape[1]
+        return (trunk or model)(torch.cat((ids, toks), 1), torch.cat((valid, mask), 1))[:, T - 1:T + L - 1]
+    uniq, src = unique_prompts([p[:-1] for p in prompts], dev)
+    pre, pre_valid = pad_left(uniq, pad_id, dev)
+    idx = torch.cat((torch.tensor([p[-1] for p in prompts], device=dev)[:, None], toks), 1)
+    valid = torch.cat((torch.ones_like(mask[:, :1]), mask), 1)
+    return (trunk or model)(idx, valid, (pre, pre_valid, src), causal=True)[:, :-1]
+
+
 def pad_left(seqs, pad_id, device=None):
     """List of id lists -> (ids [B,T], valid [B,T]) left-padded, so every row ends at the same column."""
     T = max(len(s) for s in seqs)
@@ -577,14 +607,17 @@ def close_image(c, rows, valid):
     return torch.cat((rows, eoi), 1), torch.cat((valid, torch.ones_like(eoi, dtype=torch.bool)), 1), 1
 
 
-def split_prompt(c, ids, valid, reuse):
-    """(prefix ids, prefix valid, head ids, head valid) of left-padded prompts ending with <boi>: the
-    prefix is what no image position changes (its keys/values can be reused, prompt_kv), the head goes
-    with the image. Show-o's <soi> belongs to its image block (it attends to the image), so it is the
-    head there; reuse=False puts the whole prompt in the head (everything recomputed)."""
+def split_prompt(c, prompts, reuse, dev):
+    """(prefix ids, prefix valid, src, head ids, head valid) of prompts ending with <boi>, left-padded:
+    the prefix, one row per distinct prompt (src: each row's), is what no image position changes (its
+    keys/values can be reused, prompt_kv); the head, one row per prompt, goes with the image. Show-o's
+    <soi> belongs to its image block (it attends to the image), so it is the head there; reuse=False
+    puts the whole prompt in the head (everything recomputed)."""
+    uniq, src = unique_prompts(prompts, dev) if reuse else (prompts, torch.arange(len(prompts), device=dev))
+    ids, valid = pad_left(uniq, c.pad_id, dev)
     T = ids.shape[1]
     k = T if not reuse else 1 if c.layout == "showo" else 0
-    return ids[:, :T - k], valid[:, :T - k], ids[:, T - k:], valid[:, T - k:]
+    return ids[:, :T - k], valid[:, :T - k], src, ids[src, T - k:], valid[src, T - k:]
 
 
 def showo_commits(n, steps):
@@ -637,9 +670,9 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
         state = dict(codes=torch.full((B, N), -1, dtype=torch.long, device=dev), logprobs=torch.zeros(B, N, device=dev),
                      step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0,
                      draws=torch.full((B, steps, N), -1, dtype=torch.int32, device=dev))
-    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
-    pre, pre_valid, ids, valid = split_prompt(c, ids, valid, reuse_prompt)
-    kv = model.prompt_kv(pre, pre_valid) if reuse_prompt else None
+    pre, pre_valid, src, ids, valid = split_prompt(c, cfg_prompts(cond, uncond, cfg_w), reuse_prompt, dev)
+    kv = [(k_[src], v_[src]) for k_, v_ in model.prompt_kv(pre, pre_valid)] if reuse_prompt else None
+    pre_valid = pre_valid[src]
     ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
 
     def fwd(r, inp, v):  # the rows r of one step's forward
@@ -711,8 +744,7 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
     at a time (bounded memory whatever len(steps_sel), one more image forward); same log-probs."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
-    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
-    pre, pre_valid, ids, valid = split_prompt(c, ids, valid, reuse_prompt)
+    pre, pre_valid, src, ids, valid = split_prompt(c, cfg_prompts(cond, uncond, cfg_w), reuse_prompt, dev)
     S = len(steps_sel)
     s = torch.as_tensor(steps_sel, device=dev).view(S, 1, 1)
     x = torch.where(step_of[None] < s, codes[None] + c.image_offset, c.mask_id).reshape(S * B, N)
@@ -724,7 +756,7 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
     rows, vrows, k = close_image(c, rows, vrows)
     order = torch.arange(r * S * B, device=dev).view(r, S, B)
-    prompt = (pre, pre_valid, (order // (S * B) * B + order % B).flatten()) if reuse_prompt else None
+    prompt = (pre, pre_valid, src[(order // (S * B) * B + order % B).flatten()]) if reuse_prompt else None
     groups = order.transpose(0, 1).reshape(S, r * B) if step_backward else None
     h = (trunk or model)(rows, vrows, prompt, groups)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
     hit = estimator_terms(estimator, step_of, s)  # [S,B,N]: commit scores the token committed at step s at s

@@ -786,10 +786,8 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
     out = {}
     dev = raw.lm_head.weight.device
     if batch.get("toks") is not None:
-        ids, valid = M.pad_left(batch["text_prompts"], tok.pad_id, dev)
         toks, mask = batch["toks"].to(dev), batch["mask"].to(dev)
-        T, L = ids.shape[1], toks.shape[1]
-        h = trunk(torch.cat((ids, toks), 1), torch.cat((valid, mask), 1))[:, T - 1:T + L - 1]
+        h = M.answer_hidden(raw, batch["text_prompts"], toks, mask, tok.pad_id, trunk, args.kv_reuse)
         lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=args.temperature, chunk=args.chunk)
         out["text"] = (lp, mask, ent)
     if batch.get("img") is not None:

@@ -341,3 +341,21 @@ def test_step_backward_gives_the_all_at_once_gradient(estimator, reuse, ckpt):
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
     assert sum(g.abs().sum() for g in out[1][1]) > 0
+
+
+def test_answer_scoring_with_shared_prompts_equals_full_rows():
+    """Text scoring with each distinct prompt run once (a group's rollouts share it): the same hidden
+    states at every valid answer position, and the same gradient; prompts with an image block included."""
+    m = tiny()
+    prompts = [[1, 4, BOI, OFF + 2, OFF + 5, EOI, 6]] * 3 + [[2, 7, 6]] * 2
+    toks = torch.randint(1, 30, (5, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = []
+    for reuse in (True, False):
+        m.zero_grad()
+        h = M.answer_hidden(m, prompts, toks, mask, 0, reuse_prompt=reuse)
+        lp, _ = M.token_logprobs(m, h, torch.where(mask, toks, -1))
+        lp.sum().backward()
+        out.append((h[mask].detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
