@@ -535,7 +535,7 @@ def decode_step(compile_step):
 
 @torch.no_grad()
 def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None,
-                compile_step=False):
+                compile_step=False, reuse_prompt=True):
     """Batched KV-cache decoding. prompts: list of id lists. allowed: LongTensor of ids the text may use.
     Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution
     (top-k only truncates sampling; keep it 0 for RL so sampler and scorer see the same distribution).
@@ -545,6 +545,8 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     first call per shape pays the compile (inductor; on CPU it builds C++ with the system compiler,
     tens of seconds), so it pays off only for long or repeated decodes; off by default. Default
     inductor mode: CUDA graphs ("reduce-overhead") would skip this step, as it writes the cache in place.
+    reuse_prompt: each distinct prompt is prefilled once and its cache rows copied (a group's G rollouts
+    share one prompt); same tokens, log-probs within float noise.
     Returns tokens [B,N], logprobs [B,N], valid [B,N] (False after a row's stop token)."""
     dev = model.lm_head.weight.device
     ids, valid = pad_left(prompts, model.cfg.pad_id, dev)
@@ -553,7 +555,14 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     stop = torch.tensor(stop_ids, device=dev)
     L = -(-(T + max_new) // BUCKET) * BUCKET if compile_step else T + max_new
     cache = model.new_cache(B, L)
-    h = model.hidden(ids, valid, cache=cache)[:, -1]
+    if reuse_prompt:
+        uniq, src = unique_prompts(prompts, dev)
+        part = model.new_cache(len(uniq), T)  # width T too: the longest prompt is among the distinct ones
+        h = model.hidden(*pad_left(uniq, model.cfg.pad_id, dev), cache=part)[src, -1]
+        for (k, v), (pk, pv) in zip(cache, part):
+            k[:, :, :T], v[:, :, :T] = pk[src], pv[src]
+    else:
+        h = model.hidden(ids, valid, cache=cache)[:, -1]
     pos = valid.sum(1, keepdim=True)
     valid = torch.cat((valid, torch.zeros(B, L - T, dtype=torch.bool, device=dev)), 1)
     toks = torch.full((B, max_new), model.cfg.pad_id, dtype=torch.long, device=dev)

@@ -359,3 +359,13 @@ def test_answer_scoring_with_shared_prompts_equals_full_rows():
         out.append((h[mask].detach(), [p.grad.clone() for p in m.parameters()]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_text_sampler_prefills_each_distinct_prompt_once():
+    m = tiny()
+    prompts = [[1, 4, 5, 6]] * 3 + [[2, 7]] * 2 + [[1, 4, 5, 6]]
+    allowed = torch.arange(1, 30)
+    a, b = (M.sample_text(m, prompts, 6, allowed, [9], 1.0, generator=torch.Generator().manual_seed(1), reuse_prompt=r)
+            for r in (True, False))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert torch.allclose(a[1], b[1], atol=1e-5)
