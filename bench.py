@@ -31,6 +31,7 @@ Writes everything to --out as JSON.
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import os
 import statistics
@@ -112,6 +113,8 @@ def reset_peak(dev):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
+    with contextlib.suppress(OSError, AttributeError):  # freed heap back to the OS, or a section could
+        ctypes.CDLL("libc.so.6").malloc_trim(0)        # reuse an earlier one's pages and read no growth
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets this process's peak RSS (VmHWM), so each section reads its own peak
     return proc_kb("VmRSS") / 1024
