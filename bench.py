@@ -13,6 +13,13 @@ the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean th
                              (the JSON also has ratio_compiled: with the compiled step, --compile 1)
   decode_compiled_vs_eager   torch.compile'd single-token step vs the eager step (--compile 1)
   cfg_batched_vs_two_pass    MaskGIT with cond+uncond rows in one forward vs two forwards per step
+  maskgit_kv_reuse_vs_recompute  MaskGIT with each distinct prompt's keys/values computed once vs the
+                             whole sequence recomputed at every step (one group: G rows of one prompt)
+  scorer_kv_reuse_vs_recompute   the update's scoring (text + MaskGIT, forward + backward) with distinct
+                             prompts run once vs every row's full sequence
+  step_backward_memory       peak memory of the MaskGIT scorer's backward, one step at a time / all at
+                             once, every step scored (< 1 is smaller; time and gradient difference beside)
+  rl_step_fast_vs_slow       --rl-step: one train.py RL step with --no-kv-reuse / with the fast paths
   formulas_compiled_vs_eager train.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
   logprob_chunked_time       chunked / full-logits log-prob + loss, forward + backward (< 1 is faster)
   logprob_chunked_memory     peak memory of the same, chunked / full
@@ -24,6 +31,7 @@ Writes everything to --out as JSON.
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import os
 import statistics
@@ -69,6 +77,7 @@ def get_args(argv=None):
     a("--compile", type=int, default=1, choices=[0, 1], help="1 = also time the torch.compile'd decode step and loss formulas")
     a("--rl-step", action="store_true", help="also run one train.py RL step on the tiny default and report time shares")
     a("--rl-base", default=None, help="--rl-step: base checkpoint to load (default: random weights)")
+    a("--rl-profile", type=int, default=0, help="--rl-step: print this many top ops (by self CPU time) of the profiled fast RL step (0 = no profile)")
     a("--data-dir", default="out/world", help="--rl-step: embedded world folder (written there if missing)")
     a("--reps", type=int, default=3, help="timed repeats after one warm-up; the median is reported (int)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default / OMP_NUM_THREADS)")
@@ -104,6 +113,8 @@ def reset_peak(dev):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
+    with contextlib.suppress(OSError, AttributeError):  # freed heap back to the OS, or a section could
+        ctypes.CDLL("libc.so.6").malloc_trim(0)        # reuse an earlier one's pages and read no growth
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets this process's peak RSS (VmHWM), so each section reads its own peak
     return proc_kb("VmRSS") / 1024
@@ -195,6 +206,11 @@ def naive_decode(model, prompts, max_new, allowed, temperature=0.0, generator=No
     return torch.stack(toks, 1), torch.stack(lps, 1)
 
 
+def maskgit_recompute(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
+    """M.sample_maskgit recomputing the prompt at every step instead of reusing its keys/values."""
+    return M.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, reuse_prompt=False)
+
+
 def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
     """M.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched one."""
     return M.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, two_pass=True)
@@ -281,6 +297,9 @@ def bench_images(model, tok, n_img, args, dev, res):
     t_b, t_2, _, a, b = pair(seeded(M.sample_maskgit), seeded(maskgit_two_pass), dev, args.reps)
     res["cfg_batched_vs_two_pass"] = dict(batched_s=t_b, two_pass_s=t_2, ratio=t_2 / t_b, codes_equal=torch.equal(a["codes"], b["codes"]),
                                           max_lp_diff=(a["logprobs"] - b["logprobs"]).abs().max().item())
+    t_r, t_c, _, a, b = pair(seeded(M.sample_maskgit), seeded(maskgit_recompute), dev, args.reps)
+    res["maskgit_kv_reuse_vs_recompute"] = dict(reuse_s=t_r, recompute_s=t_c, ratio=t_c / t_r, codes_equal=torch.equal(a["codes"], b["codes"]),
+                                                max_lp_diff=(a["logprobs"] - b["logprobs"]).abs().max().item())
     return dict(cond=rows, state=st)
 
 
@@ -303,6 +322,34 @@ def bench_update(model, tok, n_img, args, dev, text, img, res):
     res["update"] = dict(rollouts=P * G, ms=1e3 * t, peak_mb=peak_mb(dev), baseline_mb=base,
                          ratio_dev_first=max(stats.get("text_ratio_dev_first", 0), stats.get("image_ratio_dev_first", 0)),
                          **utilisation(dev, 3 * fwd_flops(model, tokens, seq), 0, t))
+
+    def scored(steps_sel, **flags):
+        """train.score_batch forward + backward under flags: (log-probs, gradients), both fp32."""
+        a = argparse.Namespace(**{**vars(targs), **flags})
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            out = train.score_batch(model, model, tok, batch, a, steps_sel)
+            sum((lp * m).sum() / m.sum().clamp(min=1) for lp, m, _ in out.values()).backward()
+            return [v[0].detach().float() for v in out.values()], [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
+        return run
+
+    def diff(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+    sel = train.surprising_steps(batch["img"], args.steps, args.update_steps)
+    t_r, t_c, _, a, b = pair(scored(sel), scored(sel, kv_reuse=False), dev, args.reps)
+    res["scorer_kv_reuse_vs_recompute"] = dict(reuse_s=t_r, recompute_s=t_c, ratio=t_c / t_r, max_lp_diff=diff(a[0], b[0]),
+                                               max_grad_diff=diff(a[1], b[1]))
+    out = {}
+    for name, flag in (("per_step", True), ("all_at_once", False)):  # per step first: a fresh heap for it
+        base = reset_peak(dev)
+        t, _, o = timed(scored(list(range(args.steps)), step_backward=flag), dev, args.reps)
+        out[name] = dict(seconds=t, peak_delta_mb=peak_mb(dev) - base, result=o if dev.type != "cuda" else scored(list(range(args.steps)), step_backward=flag)())
+    a, b = out["per_step"].pop("result"), out["all_at_once"].pop("result")
+    res["step_backward_memory"] = dict(steps=args.steps, **out, ratio=out["per_step"]["peak_delta_mb"] / max(out["all_at_once"]["peak_delta_mb"], 1e-9),
+                                       time_ratio=out["per_step"]["seconds"] / out["all_at_once"]["seconds"],
+                                       max_lp_diff=diff(a[0], b[0]), max_grad_diff=diff(a[1], b[1]))
+    model.eval()
 
 
 def bench_logprob(args, dev, res):
@@ -354,24 +401,38 @@ def bench_formulas(n_img, args, dev, res):
 
 
 def bench_rl_step(args, res):
-    """One train.py Sync-GRPO step on the tiny default (CPU): collect (rollouts + rewards) and rl_update."""
-    targs = train.get_args(["--data-dir", args.data_dir, "--no-compile"])  # compile time is not a step's time
-    world, tok = train.world_and_tokenizer(targs)
-    policy = train.load_checkpoint(args.rl_base)[0] if args.rl_base else train.new_model(targs, tok)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    opt, sched = train.rl_optimizer(policy, targs)
-    batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
-    t = time.perf_counter()
-    train.rl_update(policy, policy, ref, tok, batch, opt, sched, targs, train.FORMULAS, 0)
-    row["t_update"] = time.perf_counter() - t
-    total = row["t_rollout"] + row["t_reward"] + row["t_update"]
-    res["rl_step"] = dict(weights=args.rl_base or "random", seconds=total, dgs_attempts_per_rollout=row.get("dgs_attempts_per_rollout"),
-                          **{k.replace("t_", "") + "_share": row[k] / total for k in ("t_rollout", "t_reward", "t_update")})
+    """One train.py Sync-GRPO step on the tiny default (CPU): collect (rollouts + rewards) and rl_update,
+    with the fast paths (train.py's defaults) and with --no-kv-reuse, from the same weights and seed."""
+    out = {}
+    for name, extra in (("fast", []), ("slow", ["--no-kv-reuse"])):  # fast first: it pays any first-call costs
+        targs = train.get_args(["--data-dir", args.data_dir, "--no-compile"] + extra)  # compile time is not a step's time
+        world, tok = train.world_and_tokenizer(targs)
+        torch.manual_seed(args.seed)
+        policy = train.load_checkpoint(args.rl_base)[0] if args.rl_base else train.new_model(targs, tok)
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+        opt, sched = train.rl_optimizer(policy, targs)
+        prof = torch.profiler.profile() if args.rl_profile and name == "fast" else contextlib.nullcontext()
+        with prof:
+            batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
+            t = time.perf_counter()
+            stats = train.rl_update(policy, policy, ref, tok, batch, opt, sched, targs, train.FORMULAS, 0)
+            row["t_update"] = time.perf_counter() - t
+        if args.rl_profile and name == "fast":
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rl_profile))
+        total = row["t_rollout"] + row["t_reward"] + row["t_update"]
+        out[name] = dict(seconds=total, **{k[2:] + "_s": row[k] for k in ("t_rollout", "t_reward", "t_update")},
+                         **{k[2:] + "_share": row[k] / total for k in ("t_rollout", "t_reward", "t_update")},
+                         dgs_attempts_per_rollout=row.get("dgs_attempts_per_rollout"),
+                         ratio_dev_first=max(stats.get("text_ratio_dev_first", 0), stats.get("image_ratio_dev_first", 0)))
+    res["rl_step"] = dict(weights=args.rl_base or "random", **out["fast"], slow=out["slow"])
+    res["rl_step_fast_vs_slow"] = dict(ratio=out["slow"]["seconds"] / out["fast"]["seconds"])
 
 
 # ----------------------------------------------------------------------------- main
 
 TARGETS = {"decode_vs_naive": (">=", 3.0), "decode_vs_hf_generate": (">=", 1.5), "cfg_batched_vs_two_pass": (">=", 1.5),
+           "maskgit_kv_reuse_vs_recompute": (">=", 1.5), "scorer_kv_reuse_vs_recompute": (">=", 1.0),
+           "step_backward_memory": ("<=", 1.0), "rl_step_fast_vs_slow": (">=", 2.0),
            "logprob_chunked_memory": ("<=", 0.35), "logprob_chunked_time": ("<=", 1.2),
            "decode_compiled_vs_eager": (">=", 1.0), "formulas_compiled_vs_eager": (">=", 1.0)}
 
@@ -421,13 +482,16 @@ def report(res):
     print(f"log-prob+loss  chunked {lp['chunked']['seconds']:.3f} s / {lp['chunked']['peak_delta_mb']:.0f} MB, full {lp['full']['seconds']:.3f} s"
           f" / {lp['full']['peak_delta_mb']:.0f} MB (V={lp['vocab']}, {lp['batch']}x{lp['tokens']}, d={lp['width']})")
     for (k, t), r in zip(res["targets"].items(), res["ratios"].values()):
-        same = {c: res[k][c] for c in ("tokens_equal", "codes_equal", "ratio_compiled") if c in res.get(k, {})}
+        same = {c: res[k][c] for c in ("tokens_equal", "codes_equal", "max_lp_diff", "max_grad_diff", "time_ratio", "ratio_compiled")
+                if c in res.get(k, {})}
         print(f"{k:27s}", "skipped" if r is None else f"{r:7.3f}  (target {t['target']}: {'met' if t['met'] else 'NOT met'})",
-              *(f"{c}={v:.3f}" if isinstance(v, float) else f"{c}={v}" for c, v in same.items()))
+              *(f"{c}={v:.3g}" if isinstance(v, float) else f"{c}={v}" for c, v in same.items()))
     if "rl_step" in res:
         s = res["rl_step"]
-        print(f"rl step ({s['weights']} weights) {s['seconds']:.1f} s: rollout {s['rollout_share']:.2f},"
-              f" reward {s['reward_share']:.2f}, update {s['update_share']:.2f}")
+        for name, r in (("fast paths", s), ("--no-kv-reuse", s["slow"])):
+            print(f"rl step, {name} ({s['weights']} weights) {r['seconds']:.1f} s: rollout {r['rollout_s']:.1f} s ({r['rollout_share']:.2f}),"
+                  f" reward {r['reward_s']:.1f} s ({r['reward_share']:.2f}), update {r['update_s']:.1f} s ({r['update_share']:.2f});"
+                  f" first-update ratio deviation {r['ratio_dev_first']:.1e}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def draw(model, tok, prompts, args, temperature, generator=None, stop=None, stat
     if args.image_mode == "ar":
         return M.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
     return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
-                            sampler=args.maskgit_sampler)
+                            sampler=args.maskgit_sampler, reuse_prompt=args.kv_reuse)
 
 
 def batches(items, n):

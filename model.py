@@ -70,7 +70,7 @@ class Attention(nn.Module):
             self.k_layernorm = nn.LayerNorm(self.hd, eps=cfg.ln_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, past=None):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.nh, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm:  # before the rotary embedding, over each head's dims, as Show-o's Phi does
@@ -87,6 +87,8 @@ class Attention(nn.Module):
             cache[0][:, :, start:start + T] = k
             cache[1][:, :, start:start + T] = v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        elif past is not None:  # a prompt's keys/values computed once (prompt_kv): no in-place write, so
+            k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)  # autograd may reuse them per step
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -107,9 +109,9 @@ class Block(nn.Module):
         self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
         self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, past=None):
         h = self.input_layernorm(x)  # Phi: attention and MLP read the same normed input, in parallel
-        return x + self.self_attn(h, cos, sin, mask, cache, start) + self.mlp(h)
+        return x + self.self_attn(h, cos, sin, mask, cache, start, past) + self.mlp(h)
 
 
 class UnifiedModel(nn.Module):
@@ -168,16 +170,25 @@ class UnifiedModel(nn.Module):
         emb = torch.cat((f, f), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def hidden(self, idx, valid=None, pos=None, cache=None, start=0):
+    def hidden(self, idx, valid=None, pos=None, cache=None, start=0, past=None, causal=False):
         """Final-layernormed hidden states [B,T,D]. With `cache`, the chunk is written at `start` and
         attends to everything cached before it (prefill with start=0 uses the omni mask; later chunks
         are single decode steps and see every valid earlier key). A tensor `start` is the fixed-shape
-        form used by the compiled decode step: `valid` then covers the whole cache and every key is read."""
+        form used by the compiled decode step: `valid` then covers the whole cache and every key is read.
+        `past`: per-layer (keys, values) of a prefix (prompt_kv); `valid` then spans prefix + chunk and the
+        chunk attends to every valid prefix key and to all of itself (an image block after its prompt), or
+        with causal=True to itself causally (text after its prompt)."""
         if valid is None:
             valid = torch.ones_like(idx, dtype=torch.bool)
         if pos is None:  # left padding: positions count real tokens only, same in sampler and scorer
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        if torch.is_tensor(start):  # fixed-shape decode step: `valid` spans the whole cache, unwritten = False
+        if past is not None:
+            mask = valid[:, None, None, :]
+            if causal:  # as omni_mask: causal over valid keys, and a padded query still sees itself
+                L = valid.shape[1]
+                q, k = torch.arange(L - idx.shape[1], L, device=idx.device)[:, None], torch.arange(L, device=idx.device)
+                mask = (mask & (k <= q)) | (k == q)
+        elif torch.is_tensor(start):  # fixed-shape decode step: `valid` spans the whole cache, unwritten = False
             cols = torch.arange(valid.shape[1], device=idx.device)
             mask = (valid | ((cols >= start) & (cols < start + idx.shape[1])))[:, None, None, :]
         elif cache is None or start == 0:
@@ -190,15 +201,48 @@ class UnifiedModel(nn.Module):
         for i, block in enumerate(self.layers):
             if self.grad_ckpt and cache is None and torch.is_grad_enabled():
                 # keep only each block's input; its insides are recomputed in backward (1.3B on one GPU)
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, None, 0, None if past is None else past[i], use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+                x = block(x, cos, sin, mask, None if cache is None else cache[i], start, None if past is None else past[i])
         return self.final_layernorm(x)
 
-    def forward(self, idx, valid=None):
-        # the trainer's entry point (through the DDP wrapper, so gradients are averaged): hidden states;
-        # the heads below read only the rows of lm_head they need
-        return self.hidden(idx, valid)
+    def forward(self, idx, valid=None, prompt=None, groups=None, causal=False):
+        """The trainer's entry point (through the DDP wrapper, so gradients are averaged): hidden states;
+        the heads below read only the rows of lm_head they need.
+        prompt=(ids, valid, src): row i of idx continues prompt row src[i], whose keys/values are computed
+        once for all rows continuing it (prompt_kv); valid then covers idx only; causal: idx is text.
+        groups: [G, rows] row indices; with grad on, each group's forward is checkpointed, so backward
+        recomputes and frees one group at a time (one MaskGIT step's activations), gradients accumulating."""
+        if valid is None:
+            valid = torch.ones_like(idx, dtype=torch.bool)
+        kv = () if prompt is None else tuple(t for pair in self.prompt_kv(prompt[0], prompt[1]) for t in pair)
+
+        def run(rows, *kv):
+            if not kv:
+                return self.hidden(idx[rows], valid[rows])
+            src = prompt[2][rows]
+            past = [(kv[2 * i][src], kv[2 * i + 1][src]) for i in range(len(kv) // 2)]
+            return self.hidden_after(past, prompt[1][src], idx[rows], valid[rows], causal)
+
+        if groups is None:
+            return run(slice(None), *kv)
+        outs = [checkpoint(run, g, *kv, use_reentrant=False) if torch.is_grad_enabled() else run(g, *kv) for g in groups]
+        return torch.cat(outs)[torch.argsort(groups.flatten())]
+
+    def prompt_kv(self, ids, valid):
+        """Per-layer (keys, values) of prompts [B,T] that nothing after them changes (omni-attention:
+        text never attends to a later image block), computed once and read by every MaskGIT step."""
+        cache = self.new_cache(*ids.shape)
+        self.hidden(ids, valid, cache=cache)
+        return cache
+
+    def hidden_after(self, past, pre_valid, idx, valid, causal=False):
+        """hidden() of chunks idx [R,L] that follow prompts whose prompt_kv is `past` (valid pre_valid):
+        positions continue the prompt's, and the chunk sees every valid prompt key and all of itself
+        (causal=False: an image block) or its own earlier tokens (causal=True: text)."""
+        full = torch.cat((pre_valid, valid), 1)
+        pos = (full.long().cumsum(1) - 1).clamp(min=0)[:, -idx.shape[1]:]
+        return self.hidden(idx, full, pos=pos, past=past, causal=causal)
 
     def logits(self, idx, valid=None):
         return self.lm_head(self.hidden(idx, valid))
@@ -411,6 +455,30 @@ def _chunked(fn, n, chunk, *xs):
     return torch.cat(outs)
 
 
+def unique_prompts(seqs, device=None):
+    """(distinct prompts in first-seen order, src [len(seqs)]: each row's index among them): a group's G
+    rollouts and every unconditional CFG row share a prompt, whose keys/values are then computed once."""
+    seen = {}
+    src = [seen.setdefault(tuple(s), len(seen)) for s in seqs]
+    return [list(s) for s in seen], torch.tensor(src, dtype=torch.long, device=device)
+
+
+def answer_hidden(model, prompts, toks, mask, pad_id, trunk=None, reuse_prompt=True):
+    """Hidden states [B,L,D] whose row t predicts answer token toks[:, t] after prompts (id lists); mask:
+    the valid answer tokens. reuse_prompt: each distinct prompt but its last token runs once (prompt_kv),
+    the last token and the answer per row; False runs prompt + answer per row. Same numbers either way."""
+    dev = toks.device
+    if not reuse_prompt:
+        ids, valid = pad_left(prompts, pad_id, dev)
+        T, L = ids.shape[1], toks.shape[1]
+        return (trunk or model)(torch.cat((ids, toks), 1), torch.cat((valid, mask), 1))[:, T - 1:T + L - 1]
+    uniq, src = unique_prompts([p[:-1] for p in prompts], dev)
+    pre, pre_valid = pad_left(uniq, pad_id, dev)
+    idx = torch.cat((torch.tensor([p[-1] for p in prompts], device=dev)[:, None], toks), 1)
+    valid = torch.cat((torch.ones_like(mask[:, :1]), mask), 1)
+    return (trunk or model)(idx, valid, (pre, pre_valid, src), causal=True)[:, :-1]
+
+
 def pad_left(seqs, pad_id, device=None):
     """List of id lists -> (ids [B,T], valid [B,T]) left-padded, so every row ends at the same column."""
     T = max(len(s) for s in seqs)
@@ -467,7 +535,7 @@ def decode_step(compile_step):
 
 @torch.no_grad()
 def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None,
-                compile_step=False):
+                compile_step=False, reuse_prompt=True):
     """Batched KV-cache decoding. prompts: list of id lists. allowed: LongTensor of ids the text may use.
     Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution
     (top-k only truncates sampling; keep it 0 for RL so sampler and scorer see the same distribution).
@@ -477,6 +545,8 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     first call per shape pays the compile (inductor; on CPU it builds C++ with the system compiler,
     tens of seconds), so it pays off only for long or repeated decodes; off by default. Default
     inductor mode: CUDA graphs ("reduce-overhead") would skip this step, as it writes the cache in place.
+    reuse_prompt: each distinct prompt is prefilled once and its cache rows copied (a group's G rollouts
+    share one prompt); same tokens, log-probs within float noise.
     Returns tokens [B,N], logprobs [B,N], valid [B,N] (False after a row's stop token)."""
     dev = model.lm_head.weight.device
     ids, valid = pad_left(prompts, model.cfg.pad_id, dev)
@@ -485,7 +555,14 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     stop = torch.tensor(stop_ids, device=dev)
     L = -(-(T + max_new) // BUCKET) * BUCKET if compile_step else T + max_new
     cache = model.new_cache(B, L)
-    h = model.hidden(ids, valid, cache=cache)[:, -1]
+    if reuse_prompt:
+        uniq, src = unique_prompts(prompts, dev)
+        part = model.new_cache(len(uniq), T)  # width T too: the longest prompt is among the distinct ones
+        h = model.hidden(*pad_left(uniq, model.cfg.pad_id, dev), cache=part)[src, -1]
+        for (k, v), (pk, pv) in zip(cache, part):
+            k[:, :, :T], v[:, :, :T] = pk[src], pv[src]
+    else:
+        h = model.hidden(ids, valid, cache=cache)[:, -1]
     pos = valid.sum(1, keepdim=True)
     valid = torch.cat((valid, torch.zeros(B, L - T, dtype=torch.bool, device=dev)), 1)
     toks = torch.full((B, max_new), model.cfg.pad_id, dtype=torch.long, device=dev)
@@ -539,6 +616,19 @@ def close_image(c, rows, valid):
     return torch.cat((rows, eoi), 1), torch.cat((valid, torch.ones_like(eoi, dtype=torch.bool)), 1), 1
 
 
+def split_prompt(c, prompts, reuse, dev):
+    """(prefix ids, prefix valid, src, head ids, head valid) of prompts ending with <boi>, left-padded:
+    the prefix, one row per distinct prompt (src: each row's), is what no image position changes (its
+    keys/values can be reused, prompt_kv); the head, one row per prompt, goes with the image. Show-o's
+    <soi> belongs to its image block (it attends to the image), so it is the head there; reuse=False
+    puts the whole prompt in the head (everything recomputed)."""
+    uniq, src = unique_prompts(prompts, dev) if reuse else (prompts, torch.arange(len(prompts), device=dev))
+    ids, valid = pad_left(uniq, c.pad_id, dev)
+    T = ids.shape[1]
+    k = T if not reuse else 1 if c.layout == "showo" else 0
+    return ids[:, :T - k], valid[:, :T - k], src, ids[src, T - k:], valid[src, T - k:]
+
+
 def showo_commits(n, steps):
     """Show-o's MaskGIT schedule (t2i_generate): tokens committed at each step. After step s, with
     r = (s+1)/T, floor(n cos(pi/2 r)) stay masked, computed in float32 as Show-o does and clamped to
@@ -571,7 +661,7 @@ def gumbel(like, generator=None):
 
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
-                   state=None, stop=None, two_pass=False, sampler="plain"):
+                   state=None, stop=None, two_pass=False, sampler="plain", reuse_prompt=True):
     """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
     (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
     prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
@@ -580,15 +670,25 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     (what each step sampled at every position; visible ones keep their code), step.
     sampler="showo" is Show-o's t2i_generate step: logits never tempered (`temperature` is instead
     the starting Gumbel temperature tau0), confidence = log p + tau_s * Gumbel, tau_s from
-    showo_choice_temperature, commit counts from showo_commits."""
+    showo_choice_temperature, commit counts from showo_commits.
+    reuse_prompt: the prompts' keys/values are computed once (prompt_kv) and every step runs only the
+    image block (same codes, log-probs within float noise); False recomputes the whole sequence per step."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = len(cond), n_tokens
     if state is None:
         state = dict(codes=torch.full((B, N), -1, dtype=torch.long, device=dev), logprobs=torch.zeros(B, N, device=dev),
                      step_of=torch.full((B, N), -1, dtype=torch.long, device=dev), pred=None, step=0,
                      draws=torch.full((B, steps, N), -1, dtype=torch.int32, device=dev))
-    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    pre, pre_valid, src, ids, valid = split_prompt(c, cfg_prompts(cond, uncond, cfg_w), reuse_prompt, dev)
+    kv = [(k_[src], v_[src]) for k_, v_ in model.prompt_kv(pre, pre_valid)] if reuse_prompt else None
+    pre_valid = pre_valid[src]
     ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
+
+    def fwd(r, inp, v):  # the rows r of one step's forward
+        if kv is None:
+            return model.hidden(inp[r], v[r])
+        return model.hidden_after([(k_[r], v_[r]) for k_, v_ in kv], pre_valid[r], inp[r], v[r])
+
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
     draws, showo = state["draws"].clone(), sampler == "showo"
     logit_t = 1.0 if showo else temperature
@@ -597,9 +697,9 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
         inp, v, k = close_image(c, torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))
         img = slice(inp.shape[1] - k - N, inp.shape[1] - k)
         if two_pass:  # the slow twin bench.py times: cond and uncond rows in separate forwards
-            h = torch.cat([model.hidden(inp[r], v[r])[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
+            h = torch.cat([fwd(r, inp, v)[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
         else:
-            h = model.hidden(inp, v)[:, img]
+            h = fwd(slice(None), inp, v)[:, img]
         lp = code_logprobs(model, h[:B], h[B:], cfg_w, logit_t)
         drawn = pick(lp, logit_t, generator=generator)
         klp = lp.gather(-1, drawn[..., None])[..., 0]
@@ -639,7 +739,7 @@ def estimator_terms(estimator, step_of, s):
 
 
 def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None,
-                     estimator="commit", draws=None, commit_lp=None):
+                     estimator="commit", draws=None, commit_lp=None, reuse_prompt=True, step_backward=False):
     """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
     committed before s, the rest masked) and read the log-prob of each token committed at s.
     Returns (lp [B,N], sel [B,N] bool, ent [B,N]).
@@ -647,20 +747,27 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
     per (step, position): lp, sel, ent [B, S*N]. masked / all read each step's own sample (`draws`
     [B,T,N] from the sampler); commit-remask scores a position re-masked at s by the log of the mass
     its distribution puts below that step's lowest committed log-prob (`commit_lp` [B,N], the
-    sampler's), i.e. the probability that a fresh draw there would not have been kept."""
+    sampler's), i.e. the probability that a fresh draw there would not have been kept.
+    reuse_prompt: each prompt's keys/values computed once for all its scored steps (as the sampler);
+    step_backward: each scored step's forward is checkpointed, so backward holds one step's activations
+    at a time (bounded memory whatever len(steps_sel), one more image forward); same log-probs."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
-    ids, valid = pad_left(cfg_prompts(cond, uncond, cfg_w), c.pad_id, dev)
+    pre, pre_valid, src, ids, valid = split_prompt(c, cfg_prompts(cond, uncond, cfg_w), reuse_prompt, dev)
     S = len(steps_sel)
     s = torch.as_tensor(steps_sel, device=dev).view(S, 1, 1)
     x = torch.where(step_of[None] < s, codes[None] + c.image_offset, c.mask_id).reshape(S * B, N)
     r = len(ids) // B  # 2 rows per rollout with CFG: [cond; uncond]
-    rows = torch.cat((ids.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
+    L = ids.shape[1]  # 0 when the whole prompt is reused (nanosync layout)
+    rows = torch.cat((ids.view(r, 1, B, L).expand(r, S, B, L).reshape(r * S * B, L),
                       x.view(1, S * B, N).expand(r, -1, -1).reshape(r * S * B, N)), 1)
-    vrows = torch.cat((valid.view(r, 1, B, -1).expand(r, S, B, -1).reshape(r * S * B, -1),
+    vrows = torch.cat((valid.view(r, 1, B, L).expand(r, S, B, L).reshape(r * S * B, L),
                        torch.ones(r * S * B, N, dtype=torch.bool, device=dev)), 1)
     rows, vrows, k = close_image(c, rows, vrows)
-    h = (trunk or model)(rows, vrows)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
+    order = torch.arange(r * S * B, device=dev).view(r, S, B)
+    prompt = (pre, pre_valid, src[(order // (S * B) * B + order % B).flatten()]) if reuse_prompt else None
+    groups = order.transpose(0, 1).reshape(S, r * B) if step_backward else None
+    h = (trunk or model)(rows, vrows, prompt, groups)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
     hit = estimator_terms(estimator, step_of, s)  # [S,B,N]: commit scores the token committed at step s at s
     if estimator == "commit":
         def fn(hc, hu, t):

@@ -113,6 +113,16 @@ def get_args(argv=None):
     a("--rl-cfg", type=float, default=1.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either)")
     a("--update-steps", type=int, default=2, help="MaskGIT steps scored per update: the k of T whose committed tokens were least certain (0 = all T)")
     a("--chunk", type=int, default=0, help="rows per log-prob chunk (0 = one chunk; >0 never holds all logits)")
+    a("--kv-reuse", action=argparse.BooleanOptionalAction, default=True,
+      help="MaskGIT: each prompt's keys/values computed once and reused by every step, in rollouts and in the "
+           "update's scoring (--no-kv-reuse recomputes the whole sequence per step; same codes and log-probs)")
+    a("--step-backward", action="store_true",
+      help="MaskGIT update: backpropagate one scored step at a time (each step's forward recomputed in backward), "
+           "so peak memory holds one step's activations whatever --update-steps; costs one more image forward")
+    a("--old-lp", default="auto", choices=["auto", "sampler", "scorer"],
+      help="pi_old of the clipped ratio: sampler = log-probs stored at sampling; scorer = one no-grad scoring pass "
+           "before the first update (ratio 1 there up to the scorer's own determinism; one more forward); "
+           "auto = scorer under --bf16, else sampler")
     a("--no-compile", dest="compile", action="store_false", help="run the loss formulas eagerly (no torch.compile)")
     a("--dgs", type=int, default=1, choices=[0, 1], help="Dynamic Group Scaling on (1) or off (0)")
     a("--dgs-preview", type=int, default=2, help="preview after this MaskGIT step (AR: image rows) (int)")
@@ -571,7 +581,8 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
 
 
 def rl_sampling(args):
-    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg, maskgit_sampler=args.maskgit_sampler)
+    return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg, maskgit_sampler=args.maskgit_sampler,
+                              kv_reuse=args.kv_reuse)
 
 
 def image_temperature(args):
@@ -634,11 +645,11 @@ def sample_group(model, tok, task, mix, args, g, dgs_state, world=None):
     return cat_rows(done), text_task, gen_task, stats
 
 
-@torch.no_grad()
 def recognizer(model, tok):
     """Cycle-consistency judge: the policy's own p("yes") for "is <c> in the image ?" on its drawing."""
     yes, no = tok.encode("yes")[0], tok.encode("no")[0]
 
+    @torch.no_grad()  # on the returned judge: a reward is never differentiated
     def recognize(concepts, codes):
         tasks = [data.Task("recognition", c, data.RECOGNITION.format(tok=c.token), "yes", image=x) for c, x in zip(concepts, codes)]
         ids, valid = M.pad_left([data.understanding_prompt(tok, t) for t in tasks], tok.pad_id, model.lm_head.weight.device)
@@ -775,10 +786,8 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
     out = {}
     dev = raw.lm_head.weight.device
     if batch.get("toks") is not None:
-        ids, valid = M.pad_left(batch["text_prompts"], tok.pad_id, dev)
         toks, mask = batch["toks"].to(dev), batch["mask"].to(dev)
-        T, L = ids.shape[1], toks.shape[1]
-        h = trunk(torch.cat((ids, toks), 1), torch.cat((valid, mask), 1))[:, T - 1:T + L - 1]
+        h = M.answer_hidden(raw, batch["text_prompts"], toks, mask, tok.pad_id, trunk, args.kv_reuse)
         lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=args.temperature, chunk=args.chunk)
         out["text"] = (lp, mask, ent)
     if batch.get("img") is not None:
@@ -788,7 +797,7 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
         else:
             lp, sel, ent = M.maskgit_logprobs(raw, batch["gen_prompts"], uncond, im["codes"], im["step_of"], steps_sel,
                                               args.rl_cfg, image_temperature(args), args.chunk, trunk,
-                                              args.image_estimator, im["draws"], im["logprobs"])
+                                              args.image_estimator, im["draws"], im["logprobs"], args.kv_reuse, args.step_backward)
         out["image"] = (lp, sel, ent)
     return out
 
@@ -804,14 +813,20 @@ def surprising_steps(img, T, k):
     return sorted(sur.topk(k).indices.tolist())
 
 
-def rescored_old_image(raw, tok, batch, args, steps_sel):
-    """pi_old of the image terms for estimators other than commit: the sampler stored one log-prob per
-    token (at its commit step), these score other terms, so the rollout policy scores them once,
-    without gradient, before the first update (as the released code keeps its per-step log-probs)."""
-    if args.image_estimator == "commit" or args.image_mode != "maskgit" or batch.get("img") is None:
-        return None
+def rescored_old(raw, tok, batch, args, steps_sel):
+    """{"text" / "image": pi_old} where the sampler's stored log-probs do not serve, scored once by the
+    rollout policy, without gradient, before the first update. Image estimators other than commit score
+    terms the sampler never stored (it keeps one log-prob per token, at its commit step; the released
+    code keeps per-step log-probs). --old-lp scorer rescores both segments: under bf16 the KV-cache
+    decode and the scorer's full forward round differently (text ratio 1 +- 0.016 at Show-o's shape), so
+    with mu > 1 the clip would act on numerics; the scorer's own pass gives ratio 1 at the first update."""
+    scorer = args.old_lp == "scorer" or (args.old_lp == "auto" and args.bf16)
+    image = scorer or (args.image_estimator != "commit" and args.image_mode == "maskgit")
+    part = {**batch, **({} if scorer else {"toks": None}), **({} if image else {"img": None})}
+    if part.get("toks") is None and part.get("img") is None:
+        return {}
     with torch.no_grad():
-        return score_batch(raw, raw, tok, {**batch, "toks": None}, args, steps_sel)["image"][0]
+        return {k: v[0] for k, v in score_batch(raw, raw, tok, part, args, steps_sel).items()}
 
 
 def old_logprobs(batch, key):
@@ -844,14 +859,14 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
     if args.beta and ref is not None:  # beta = 0 skips the reference forward entirely
         with torch.no_grad():
             ref_lp = {k: v[0] for k, v in score_batch(ref, ref, tok, batch, args, steps_sel).items()}
-    old_img = rescored_old_image(raw, tok, batch, args, steps_sel)
-    stats = {}
+    rescored = rescored_old(raw, tok, batch, args, steps_sel)
+    stats, pending = {}, {}  # pending: 0-d tensors read back in one host sync at the end
     raw.train()
     for inner in range(args.mu):
         scored = score_batch(model, raw, tok, batch, args, steps_sel)
         loss = 0.0
         for key, (lp, mask, ent) in scored.items():
-            old = (old_img if key == "image" and old_img is not None else old_logprobs(batch, key)).to(lp.device)
+            old = rescored.get(key, old_logprobs(batch, key)).to(lp.device)
             if keep is not None:
                 mask = mask & keep.repeat_interleave(args.group)[:, None].to(mask.device)
             a = adv[key].to(lp.device)[:, None]
@@ -865,16 +880,17 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
                     continue
                 s = {f"{key}_ratio_mean": r.mean(), f"{key}_ratio_min": r.min(), f"{key}_ratio_max": r.max(),
                      f"{key}_clip_frac": ((r < 1 - args.eps) | (r > 1 + (args.eps_high or args.eps))).float().mean(),
-                     f"{key}_kl": kl[mask].mean(), f"{key}_entropy": ent[mask].mean(),
+                     f"{key}_kl": batch_token_mean(kl, mask), f"{key}_entropy": batch_token_mean(ent, mask),
                      f"{key}_pg_var": (a * lp.detach() * mask).sum(-1).var()}  # spread of per-rollout PG terms
                 if inner == 0:  # on-policy: pi == pi_old up to float noise, so this must be ~0
                     s[f"{key}_ratio_dev_first"] = (r - 1).abs().max()
-                stats.update({k: v.item() for k, v in s.items() if v.numel()})
+                pending.update({k: v.float() for k, v in s.items()})
         loss.backward()
-        stats.update(grad_norm=clip_and_step(raw, opt, sched, args), loss=loss.item())
-    stats.update(adv_text_mean=A_text.mean().item(), adv_text_std=A_text.std().item(),
-                 adv_image_mean=A_img.mean().item(), adv_image_std=A_img.std().item(),
-                 effective_groups=dgs.effective_fraction(batch["r_text"] + batch["r_img"]))
+        stats.update(grad_norm=clip_and_step(raw, opt, sched, args))
+        pending["loss"] = loss.detach().float()
+    pending.update(adv_text_mean=A_text.mean(), adv_text_std=A_text.std(), adv_image_mean=A_img.mean(), adv_image_std=A_img.std())
+    stats.update(zip(pending, torch.stack([v.to(pending["loss"].device) for v in pending.values()]).tolist()))
+    stats.update(effective_groups=dgs.effective_fraction(batch["r_text"] + batch["r_img"]))
     return stats
 
 

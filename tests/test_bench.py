@@ -89,10 +89,13 @@ def test_bench_runs_end_to_end_and_writes_every_ratio(tmp_path):
     res = json.loads(path.read_text())
     assert set(res["ratios"]) == set(bench.TARGETS) and set(res["targets"]) == set(bench.TARGETS)
     for k, v in res["ratios"].items():
-        assert (v is None) == (k in ("decode_compiled_vs_eager", "formulas_compiled_vs_eager")), k  # --compile 0
+        assert (v is None) == (k in ("decode_compiled_vs_eager", "formulas_compiled_vs_eager", "rl_step_fast_vs_slow")), k
     assert res["decode_vs_naive"]["tokens_equal"] and res["decode_vs_hf_generate"]["tokens_equal"]
     assert res["cfg_batched_vs_two_pass"]["codes_equal"] and res["cfg_batched_vs_two_pass"]["max_lp_diff"] < 1e-5
     assert res["decode_vs_naive"]["max_lp_diff"] < 1e-5
+    assert res["maskgit_kv_reuse_vs_recompute"]["codes_equal"] and res["maskgit_kv_reuse_vs_recompute"]["max_lp_diff"] < 1e-5
+    for k in ("scorer_kv_reuse_vs_recompute", "step_backward_memory"):
+        assert res[k]["max_lp_diff"] < 1e-5 and res[k]["max_grad_diff"] < 1e-5, k
     assert res["logprob"]["max_grad_diff"] < 1e-5
     for k in ("text_rollout", "image_rollout"):
         assert res[k]["peak_mb"] >= res[k]["baseline_mb"]

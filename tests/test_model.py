@@ -289,3 +289,83 @@ def test_chunked_scoring_equals_full_with_gradients():
     assert torch.allclose(lp, ref, atol=1e-6)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def tiny_layout(layout):
+    """tiny() in nanosync's layout, or Show-o's (its <soi> sits in the image block, so it is not reused)."""
+    m = tiny()
+    m.cfg.layout, m.cfg.mmu_id = layout, 62
+    return m
+
+
+@pytest.mark.parametrize("layout,sampler", [("nanosync", "plain"), ("nanosync", "showo"), ("showo", "plain")])
+def test_prompt_kv_reuse_equals_recompute(layout, sampler):
+    """Prompt keys/values computed once: the same codes, draws and log-probs as recomputing every step,
+    left padding and a DGS-style resume included; the scorer likewise, for every image estimator."""
+    m = tiny_layout(layout)
+    cond, uncond = [[1, 4, 5, 3], [2, 3], [1, 6, 7, 8, 9, 3]], [[1, 3]] * 3
+
+    def run(reuse):
+        g = torch.Generator().manual_seed(4)
+        part = M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, stop=2, sampler=sampler, reuse_prompt=reuse)
+        return M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, state=part, sampler=sampler, reuse_prompt=reuse)
+    a, b = run(True), run(False)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["draws"], b["draws"])
+    assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+    for est in M.ESTIMATORS:
+        out = [M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [0, 2, 4], 1.5, 1.0, estimator=est,
+                                  draws=a["draws"], commit_lp=a["logprobs"], reuse_prompt=reuse) for reuse in (True, False)]
+        assert torch.equal(out[0][1], out[1][1]), est
+        assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][2], out[1][2], atol=1e-5), est
+    lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), 1.5, 1.0)
+    if sampler == "plain":  # the reused path's scorer still reads what its sampler stored
+        assert sel.all() and torch.allclose(lp, a["logprobs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator,reuse,ckpt", [("commit", True, False), ("commit", False, True), ("all", True, True),
+                                                  ("commit-remask", True, False)])
+def test_step_backward_gives_the_all_at_once_gradient(estimator, reuse, ckpt):
+    """One scored MaskGIT step at a time in backward (bounded memory): the same log-probs and gradient."""
+    m = tiny_layout("nanosync")
+    m.grad_ckpt = ckpt
+    cond, uncond = [[1, 4, 5, 3], [2, 3]], [[1, 3]] * 2
+    st = M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, torch.Generator().manual_seed(2))
+    out = []
+    for step_backward in (False, True):
+        m.zero_grad()
+        lp, sel, ent = M.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], [1, 3, 4], 1.5, 1.0, chunk=7,
+                                          estimator=estimator, draws=st["draws"], commit_lp=st["logprobs"],
+                                          reuse_prompt=reuse, step_backward=step_backward)
+        ((lp * sel).sum() / sel.sum() + 0.1 * ent.mean()).backward()
+        out.append((lp.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+    assert sum(g.abs().sum() for g in out[1][1]) > 0
+
+
+def test_answer_scoring_with_shared_prompts_equals_full_rows():
+    """Text scoring with each distinct prompt run once (a group's rollouts share it): the same hidden
+    states at every valid answer position, and the same gradient; prompts with an image block included."""
+    m = tiny()
+    prompts = [[1, 4, BOI, OFF + 2, OFF + 5, EOI, 6]] * 3 + [[2, 7, 6]] * 2
+    toks = torch.randint(1, 30, (5, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = []
+    for reuse in (True, False):
+        m.zero_grad()
+        h = M.answer_hidden(m, prompts, toks, mask, 0, reuse_prompt=reuse)
+        lp, _ = M.token_logprobs(m, h, torch.where(mask, toks, -1))
+        lp.sum().backward()
+        out.append((h[mask].detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_text_sampler_prefills_each_distinct_prompt_once():
+    m = tiny()
+    prompts = [[1, 4, 5, 6]] * 3 + [[2, 7]] * 2 + [[1, 4, 5, 6]]
+    allowed = torch.arange(1, 30)
+    a, b = (M.sample_text(m, prompts, 6, allowed, [9], 1.0, generator=torch.Generator().manual_seed(1), reuse_prompt=r)
+            for r in (True, False))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert torch.allclose(a[1], b[1], atol=1e-5)

@@ -146,8 +146,9 @@ def test_bessel_needs_a_group(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
                                    ["--image-estimator", "masked", "--loss-agg", "dr_grpo", "--maskgit-sampler", "showo"],
-                                   ["--image-estimator", "all", "--loss-agg", "sum", "--log-ratio-clamp", "10"],
-                                   ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv-bessel"]])
+                                   ["--image-estimator", "all", "--loss-agg", "sum", "--log-ratio-clamp", "10", "--step-backward"],
+                                   ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv-bessel", "--no-kv-reuse"],
+                                   ["--step-backward", "--old-lp", "scorer"]])
 def test_every_estimator_and_aggregation_trains_with_ratio_one_first(base, extra):
     args, tok, policy, batch, _ = rl_batch(base, "--tasks", "both", "--rl-cfg", "1.5", *extra)
     opt, sched = T.rl_optimizer(policy, args)
@@ -252,3 +253,27 @@ def test_advantage_credit_modes_by_hand():
     assert sign("causal") == {"text": [-1, 1], "image": [-1, 1]}  # text by the total, image by the image reward
     A = T.advantages(batch, T.get_args(["--credit", "causal", "--adv", "nostd"]), T.FORMULAS, 0)
     assert A["image"].tolist() == [[-1.0, 1.0]] and A["text"].tolist() == [[-0.5, 0.5]]
+
+
+@pytest.mark.parametrize("old_lp", ["auto", "sampler"])
+def test_bf16_first_ratio_is_one_with_the_scorers_old_logprobs(base, old_lp):
+    """Under bf16 the KV-cache decode and the scorer's full forward round differently; --old-lp scorer
+    (auto under --bf16) takes pi_old from the scorer's own no-grad pass, so the first ratio is exactly 1."""
+    args, tok, policy, batch, _ = rl_batch(base, "--tasks", "both", "--rl-cfg", "1.5", "--bf16", "--mu", "1",
+                                           "--old-lp", old_lp, "--beta", "0")
+    opt, sched = T.rl_optimizer(policy, args)
+    with T.amp(args, "cpu"):
+        stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+    dev = max(stats["text_ratio_dev_first"], stats["image_ratio_dev_first"])
+    print(f"bf16 first-update ratio deviation, old-lp {old_lp}: {dev:.2e}")
+    if old_lp == "auto":
+        assert dev < 1e-6
+
+
+def test_cycle_reward_runs_without_autograd():
+    world, tok = data.make_world(0, 8, 2), data.WordTokenizer(10)
+    model = T.new_model(T.get_args(TINY[:10]), tok)
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    ps = T.recognizer(model, tok)(world.concepts[:2], [torch.zeros(data.N_IMG, dtype=torch.long)] * 2)
+    assert seen == [False] and len(ps) == 2 and all(0 <= p <= 1 for p in ps)
