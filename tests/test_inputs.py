@@ -162,6 +162,7 @@ def test_main_job_evaluates_the_base_once_and_says_each_phase(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert len(calls) == 2  # the base right after pretraining, the RL model at the end
     for phase in ("world:", "pretraining the base", "evaluating the base", "Sync-GRPO:", "evaluating the RL model",
-                  "after 1 Sync-GRPO steps:", f"outputs in {tmp_path / 'rl'}: eval.json, metrics.jsonl"):
+                  "after 1 Sync-GRPO steps", "Learnability of the RL task mix",
+                  f"outputs in {tmp_path / 'rl'}: diagnostics.json, eval.json, metrics.jsonl, reward_vs_step.png"):
         assert phase in out, phase
     assert json.loads((tmp_path / "rl" / "eval.json").read_text())["base"] == json.loads((tmp_path / "pretrain" / "eval.json").read_text())

@@ -218,7 +218,7 @@ def test_reward_rises_on_a_trivial_task(base, monkeypatch):
     monkeypatch.setitem(rewards.TEXT, "text_exact", lambda rolls, ctx: [float((r.text or "").split()[:1] == ["yes"]) for r in rolls])
     zero = [f"--w-{k.replace('_', '-')}=0" for k in ("text_bleu", "identity", "alignment", "knowledge", "plausibility", "cycle")]
     T.rl(tiny_args(base, *RL, *zero, "--w-text-exact=1", "--base", str(base / "pretrain"), "--tasks", "und",
-                   "--rl-iters", "20", "--rl-lr", "3e-3", "--beta", "0", "--rollouts", "16", "--seed", "3"))
+                   "--rl-iters", "20", "--rl-lr", "1e-2", "--beta", "0", "--rollouts", "16", "--seed", "3"))
     rows = [json.loads(line) for line in open(base / "rl" / "metrics.jsonl")]
     first, last = [r["reward"] for r in rows[:5]], [r["reward"] for r in rows[-5:]]
     assert sum(last) / 5 > sum(first) / 5 + 0.2, (first, last)
