@@ -67,7 +67,7 @@ def get_args(argv=None):
       help="plain = tempered logits, confidence log p, float64 cosine counts; showo = Show-o's t2i_generate step "
            "(untempered logits, log p + Gumbel at a compounding temperature, its clamped float32 counts); showo in --preset showo")
     a("--p-uncond", type=float, default=0.1, help="share of generation examples with the prompt dropped (CFG training)")
-    a("--iters", type=int, default=700, help="optimizer steps (int)")
+    a("--iters", type=int, default=2000, help="pretraining optimizer steps (int); the committed base/ used 2000")
     a("--batch", type=int, default=32, help="examples per optimizer step per rank (int)")
     a("--lr", type=float, default=2e-3, help="peak learning rate")
     a("--warmup", type=int, default=50, help="linear warm-up steps (int)")

@@ -277,3 +277,14 @@ def test_cycle_reward_runs_without_autograd():
     model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
     ps = T.recognizer(model, tok)(world.concepts[:2], [torch.zeros(data.N_IMG, dtype=torch.long)] * 2)
     assert seen == [False] and len(ps) == 2 and all(0 <= p <= 1 for p in ps)
+
+
+def test_committed_base_fits_the_default_world_and_flags():
+    """The main job starts from base/: it must load and fit the default world's vocabulary and shape flags."""
+    model, meta, _ = T.load_checkpoint(T.COMMITTED_BASE)
+    args = T.get_args([])
+    tok = data.WordTokenizer(args.n_train_concepts + args.n_test_concepts)
+    assert model.cfg.vocab_size == tok.vocab_size and model.cfg.image_offset == tok.image_offset
+    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head) == (args.n_layer, args.n_embd, args.n_head)
+    assert meta["step"] == args.iters and not model.cfg.image_causal
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
