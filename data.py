@@ -385,20 +385,41 @@ def anonymize(concepts, n_ids, rng):
     return [replace(c, token=f"<c{i}>") for c, i in zip(concepts, rng.sample(range(n_ids), len(concepts)))]
 
 
-def make_tasks(world_or_concepts, kinds, n, seed):
-    """n tasks, kind and concept drawn uniformly for each.  A World means its train split."""
+VARIANTS = {"recognition": [None], "vqa": ["where", "beside", "hat"], "textqa": FACT_KINDS, "gen": REGIONS,
+            "kgen": FACT_KINDS}  # what each task kind can ask
+
+
+def make_tasks(world_or_concepts, kinds, n, seed, balanced=False):
+    """n tasks, concept drawn uniformly for each. The kind and its variant (VARIANTS) are drawn uniformly,
+    or with balanced=True cycle through every (kind, variant) in a fixed order, so that every batch of a
+    multiple of that many tasks has the same composition and its mean reward does not jump with the luck
+    of the draw (an RL step's training reward). A World means its train split."""
     concepts = (world_or_concepts.train if isinstance(world_or_concepts, World)
                 else list(world_or_concepts))
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     if not concepts or not kinds or set(kinds) - set(KINDS):
         raise ValueError(f"make_tasks needs concepts and kinds from {KINDS}, got {kinds}")
     rng = random.Random(seed)
-    build = {"recognition": lambda c: recognition_task(c, concepts, rng),
-             "vqa": lambda c: vqa_task(c, rng.choice(["where", "beside", "hat"]), rng),
-             "textqa": lambda c: textqa_task(c, rng.choice(FACT_KINDS)),
-             "gen": lambda c: gen_task(c, rng.choice(REGIONS), rng),
-             "kgen": lambda c: kgen_task(c, rng.choice(FACT_KINDS), rng)}
-    return [build[rng.choice(kinds)](rng.choice(concepts)) for _ in range(n)]
+    slots = [(k, v) for k in kinds for v in VARIANTS[k]]
+    tasks = []
+    for i in range(n):
+        if balanced:
+            (kind, variant), concept = slots[i % len(slots)], rng.choice(concepts)
+        else:
+            kind, concept = rng.choice(kinds), rng.choice(concepts)
+            variant = rng.choice(VARIANTS[kind]) if kind != "recognition" else None
+        tasks.append(_task(kind, variant, concept, concepts, rng))
+    return tasks
+
+
+def _task(kind, variant, concept, pool, rng):
+    if kind == "recognition":
+        return recognition_task(concept, pool, rng)
+    if kind == "vqa":
+        return vqa_task(concept, variant, rng)
+    if kind == "textqa":
+        return textqa_task(concept, variant)
+    return (gen_task if kind == "gen" else kgen_task)(concept, variant, rng)
 
 
 # ---------------------------------------------------------------- checkers

@@ -411,3 +411,14 @@ def test_tokenizer_round_trips_every_text(small_world):
         assert all(0 <= i < tok.n_text or tok.image_offset < i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
         assert set(tok.encode(text)) <= set(tok.text_ids().tolist())
+
+
+def test_balanced_tasks_repeat_one_composition():
+    world = data.make_world(0)
+    for seed in range(3):
+        tasks = data.make_tasks(world, ["vqa", "kgen"], 12, seed=seed, balanced=True)
+        asked = [(t.kind, t.meta.get("q") or t.meta.get("fact")) for t in tasks]
+        assert asked[:6] == asked[6:] == [("vqa", "where"), ("vqa", "beside"), ("vqa", "hat"),
+                                          ("kgen", "hat"), ("kgen", "carry"), ("kgen", "corner")]
+        for task in tasks:
+            assert_consistent(task)
