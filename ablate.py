@@ -8,7 +8,7 @@ Sync-R1's four claims in miniature: every ablation x seed through train.py, one 
 
 Variants (each RL run starts from the base of its image mode):
   base / base-ar   the pretrained bases (MaskGIT / AR), no RL
-  joint            Sync-GRPO, train.py defaults (--tasks both, DGS on, full ensemble, CFG)
+  joint            Sync-GRPO in the paper's configuration (--tasks both, DGS on, cycle reward on, CFG)
   gen-only         --tasks gen, text reward weights 0 (image reward only, no reasoning text)
   und-only         --tasks und (text only: the image reward has nothing to score)
   dgs-off          --dgs 0 (the same accepted rollouts per step, no previews)
@@ -50,6 +50,9 @@ from eval import METRICS, plot
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEXT_OFF = ["--w-text-exact", "0", "--w-text-bleu", "0"]
+# The paper's configuration, the reference every variant changes one thing of: DGS on, CFG in rollouts and
+# loss, the cycle reward on (train.py's own defaults turn these off on the embedded world; README).
+PAPER = ["--dgs", "1", "--rl-cfg", "1", "--w-cycle", "0.065"]
 VARIANTS = {  # name: (image mode of its base, train.py flags; None = the base itself, no RL)
     "base": ("maskgit", None), "joint": ("maskgit", []),
     "gen-only": ("maskgit", ["--tasks", "gen"] + TEXT_OFF), "und-only": ("maskgit", ["--tasks", "und"]),
@@ -162,7 +165,7 @@ def run_rl(args, name, seed):
         cmd = ["--base", os.path.join(base, "pretrain"), "--seed", str(seed), "--rl-iters", str(args.rl_iters),
                "--rollouts", str(args.rollouts), "--group", str(args.group), "--data-dir", args.data_dir, "--out-dir", d,
                "--eval-base", "0"]  # the base row already has the base's held-out metrics
-        train(cmd + ([] if args.compile else ["--no-compile"]) + flags + args.extra, d, os.path.join(d, "log.txt"))
+        train(cmd + ([] if args.compile else ["--no-compile"]) + PAPER + flags + args.extra, d, os.path.join(d, "log.txt"))
     rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
     with open(os.path.join(rl, "latest")) as f:
         rollouts = read_json(os.path.join(rl, f.read().strip(), "meta.json"))["args"]["rollouts"]

@@ -35,7 +35,7 @@ import unifybench
 
 
 PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
-                         dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
+                         dgs=1, credit="joint", dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
                          bf16=True, grad_ckpt=True, maskgit_sampler="showo",
                          # the released loss: every position at every scored step, token sums, log-ratio clamp,
                          # R - group mean; kept from nanosync: text policy gradient, mu = 2 (README, decisions)

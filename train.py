@@ -86,8 +86,9 @@ def get_args(argv=None):
       "`train.py --stage pretrain` makes with its defaults), pretrain = <out-dir>/pretrain (pretrained first if missing), "
       "or a checkpoint folder")
     a("--tasks", default="both", choices=list(MIXES), help="rollout mix: both (modes u and r), u, r, und (text only), gen (image only)")
-    a("--rl-iters", type=int, default=30, help="RL steps, one rollout batch each (int)")
-    a("--rollouts", type=int, default=32, help="rollouts per RL step per rank (int, multiple of --group)")
+    a("--rl-iters", type=int, default=60, help="RL steps, one rollout batch each (int)")
+    a("--rollouts", type=int, default=48, help="rollouts per RL step per rank (int, multiple of --group; 6 prompts x G 8 = "
+      "one of each VQA question and knowledge request)")
     a("--group", type=int, default=8, help="G: rollouts of the same prompt per group (int)")
     a("--mu", type=int, default=2, help="optimizer updates per rollout batch (int); >1 makes the PPO ratio move")
     a("--rl-lr", type=float, default=1e-4, help="RL peak learning rate")
@@ -113,7 +114,8 @@ def get_args(argv=None):
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
     a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
-    a("--rl-cfg", type=float, default=1.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either)")
+    a("--rl-cfg", type=float, default=0.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either; "
+      "evaluation keeps --cfg)")
     a("--update-steps", type=int, default=2, help="MaskGIT steps scored per update: the k of T whose committed tokens were least certain (0 = all T)")
     a("--chunk", type=int, default=0, help="rows per log-prob chunk (0 = one chunk; >0 never holds all logits)")
     a("--kv-reuse", action=argparse.BooleanOptionalAction, default=True,
@@ -127,7 +129,7 @@ def get_args(argv=None):
            "before the first update (ratio 1 there up to the scorer's own determinism; one more forward); "
            "auto = scorer under --bf16, else sampler")
     a("--no-compile", dest="compile", action="store_false", help="run the loss formulas eagerly (no torch.compile)")
-    a("--dgs", type=int, default=1, choices=[0, 1], help="Dynamic Group Scaling on (1) or off (0)")
+    a("--dgs", type=int, default=0, choices=[0, 1], help="Dynamic Group Scaling on (1) or off (0; see the README for why off)")
     a("--dgs-preview", type=int, default=2, help="preview after this MaskGIT step (AR: image rows) (int)")
     a("--dgs-cap", type=int, default=32, help="max previews per group before filling with the best (int)")
     a("--dgs-batch", type=int, default=8, help="previews sampled per DGS round (int)")
