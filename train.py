@@ -720,7 +720,8 @@ def diagnostics_table(d):
     """Markdown table of diagnostics(): one row per reward component."""
     lines = ["| reward | groups | mean | pass@1 | pass@G | zero-variance groups |", "|---|---|---|---|---|---|"]
     for name, v in d.items():
-        lines.append(f"| {name} | {v['groups']} | {v['mean']:.3f} | {v['pass1']:.3f} | {v['passG']:.3f} | {v['zero_var']:.2f} |")
+        passes = "| — | — |" if name == "total" else f"| {v['pass1']:.3f} | {v['passG']:.3f} |"  # the total has no "full credit"
+        lines.append(f"| {name} | {v['groups']} | {v['mean']:.3f} {passes} {v['zero_var']:.2f} |")
     if "preview_corr" in d.get("total", {}):
         lines.append(f"\nDGS preview / final reward, within-prompt correlation: {d['total']['preview_corr']:.3f}")
     return "\n".join(lines)

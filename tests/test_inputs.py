@@ -16,7 +16,7 @@ import train as T
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
         "--batch", "8", "--warmup", "2", "--steps", "4", "--eval-batch", "64", "--max-text", "8", "--log-every", "1",
-        "--base", "pretrain"]
+        "--base", "pretrain", "--eval-draws", "1", "--eval-reward-prompts", "2"]
 
 
 def tiny_args(tmp, *extra):
