@@ -972,14 +972,14 @@ def rl(args, rank=0, world_size=1, device="cpu"):
               f"in groups of {args.group} -> {run_dir}")
     if args.compile:
         say(rank, "the first step also compiles the loss formulas (torch.compile; --no-compile skips it)")
-    bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
-    end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
     if rank == 0 and step == 0 and args.diag_prompts:
         with amp(args, device):
             diag = base_diagnostics(policy, tok, world, args)
         print(f"Learnability of the RL task mix for the base ({args.diag_prompts} prompts x G {args.group}, "
               "training concepts):\n" + diagnostics_table(diag))
         atomic_write(os.path.join(run_dir, "diagnostics.json"), json.dumps(diag, indent=1).encode())
+    bar = tqdm(total=args.rl_iters, initial=step, disable=rank != 0, desc="sync-grpo")
+    end = min(args.rl_iters, step + args.stop_after) if args.stop_after else args.rl_iters
     while step < end:
         with amp(args, device):
             batch, rolls, row = collect(policy, tok, world, args, rank, step, dgs_state)
