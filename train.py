@@ -1015,8 +1015,9 @@ def rl(args, rank=0, world_size=1, device="cpu"):
             by_step = {r["step"]: r for r in map(json.loads, f)}  # a resumed run's replayed steps: the last wins
         plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), [by_step[k] for k in sorted(by_step)])
         rise = E.reward_rise([by_step[k]["reward"] for k in sorted(by_step)])
-        say(rank, f"training reward: last 5 steps - first 5 = {rise['rise']:+.3f}, {rise['ratio']:.1f}x the residual "
-                  f"step-to-step std ({rise['residual_std']:.3f})")
+        if len(by_step) >= 10:
+            say(rank, f"training reward: last 5 steps - first 5 = {rise['rise']:+.3f}, {rise['ratio']:.1f}x the residual "
+                      f"step-to-step std ({rise['residual_std']:.3f})")
     if rank == 0 and step == args.rl_iters and held_out:
         say(rank, f"evaluating the RL model on {len(held_out)} held-out tasks")
         after = held_out_eval(policy, tok, world, held_out, args)
