@@ -434,10 +434,14 @@ def find_sprite(concept, codes):
     sprite's top-left cell; ties go to the first in row-major order."""
     grid, best = _as_list(codes), (-1.0, (0, 0))
     for pos in [(r, c) for r in range(GRID - 1) for c in range(GRID - 1)]:
-        hits = sum(_cell(grid, pos, off) == code for off, code in zip(SPRITE_OFFSETS, concept.sprite))
-        if hits / 4 > best[0]:
-            best = (hits / 4, pos)
+        share = _sprite_share(concept, grid, pos)
+        if share > best[0]:
+            best = (share, pos)
     return best
+
+
+def _sprite_share(concept, grid, pos):
+    return sum(_cell(grid, pos, off) == code for off, code in zip(SPRITE_OFFSETS, concept.sprite)) / 4
 
 
 def identity_score(concept, codes):
@@ -473,8 +477,7 @@ def knowledge_score(task, codes):
 
 def sprite_at(concept, codes, pos):
     """Share of the concept's 4 sprite cells drawn exactly with the top-left cell at pos."""
-    grid = _as_list(codes)
-    return sum(_cell(grid, pos, off) == code for off, code in zip(SPRITE_OFFSETS, concept.sprite)) / 4
+    return _sprite_share(concept, _as_list(codes), pos)
 
 
 def alignment_graded(task, codes):

@@ -67,10 +67,7 @@ def evaluate(model, tok, tasks, args):
     gen = [t for t in tasks if t.kind in ("gen", "kgen")]
     device = model.lm_head.weight.device
     for chunk in batches(und, args.eval_batch):
-        prompts = [data.understanding_prompt(tok, t) for t in chunk]
-        texts = answer(model, tok, prompts, args.max_text)[0]
-        g = torch.Generator(device).manual_seed(1)
-        sampled = answer(model, tok, [p for p in prompts for _ in range(k)], args.max_text, 1.0, g)[0]
+        texts, sampled = greedy_and_sampled(model, tok, chunk, args)
         for i, (t, text) in enumerate(zip(chunk, texts)):
             ok = data.answer_correct(t, text)
             if t.kind == "recognition":
@@ -79,10 +76,7 @@ def evaluate(model, tok, tasks, args):
                 items[t.kind].append(ok)
                 items[t.kind + "_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
     for chunk in batches(gen, max(1, args.eval_batch // k)):
-        prompts = [data.understanding_prompt(tok, t) for t in chunk]
-        texts = answer(model, tok, prompts, args.max_text)[0]
-        g = torch.Generator(device).manual_seed(1)
-        sampled = answer(model, tok, [p for p in prompts for _ in range(k)], args.max_text, 1.0, g)[0]
+        texts, sampled = greedy_and_sampled(model, tok, chunk, args)
         draw_prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
         g = torch.Generator(device).manual_seed(0)
         codes = draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
@@ -100,6 +94,15 @@ def evaluate(model, tok, tasks, args):
     res["se"]["recognition"] = 0.5 * math.hypot(res["se"]["recognition_pos"], res["se"]["recognition_neg"])
     res["items"] = items
     return res
+
+
+def greedy_and_sampled(model, tok, tasks, args):
+    """Each task's greedy answer, and --eval-draws answers sampled at temperature 1 from a fixed seed
+    (k per task, consecutive)."""
+    prompts = [data.understanding_prompt(tok, t) for t in tasks]
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(1)
+    sampled = answer(model, tok, [p for p in prompts for _ in range(args.eval_draws)], args.max_text, 1.0, g)[0]
+    return answer(model, tok, prompts, args.max_text)[0], sampled
 
 
 def stderr(xs):
