@@ -88,12 +88,19 @@ def evaluate(model, tok, tasks, args):
                 items["knowledge"].append(mean(data.knowledge_score(t, c) for c in drawn))
                 items["reasoning"].append(data.answer_correct(t, text))
                 items["reasoning_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
-    res = {m: mean(v) for m, v in items.items()}
-    res["recognition"] = (res["recognition_pos"] + res["recognition_neg"]) / 2
-    res["se"] = {m: stderr(v) for m, v in items.items()}
-    res["se"]["recognition"] = 0.5 * math.hypot(res["se"]["recognition_pos"], res["se"]["recognition_neg"])
-    res["items"] = items
-    return res
+    return summary(items)
+
+
+def summary(items):
+    """{metric: mean, "se": {metric: standard error}, "items": items} of per-item scores; recognition is
+    the weighted accuracy, the mean of its positive and negative halves, where both were asked."""
+    res, se = {}, {}
+    if "recognition_pos" in items and "recognition_neg" in items:
+        res["recognition"] = (mean(items["recognition_pos"]) + mean(items["recognition_neg"])) / 2
+        se["recognition"] = 0.5 * math.hypot(stderr(items["recognition_pos"]), stderr(items["recognition_neg"]))
+    for m, v in items.items():
+        res[m], se[m] = mean(v), stderr(v)
+    return dict(res, se=se, items=items)
 
 
 def greedy_and_sampled(model, tok, tasks, args):
@@ -140,16 +147,18 @@ def reward_rise(rewards, k=5):
     return dict(rise=rise, residual_std=sd, ratio=rise / sd if sd > 0 else float("inf"))
 
 
-def rows(res):
-    """The metrics a result holds, in table order (the held-out reward last, when measured)."""
-    return [m for m in METRICS + ["reward"] if m in res]
+def rows(res, order=None):
+    """The metrics a result holds, in table order: `order`, by default the embedded world's metrics and
+    the held-out reward last, when measured."""
+    return [m for m in order or METRICS + ["reward"] if m in res]
 
 
-def table(columns, title=None):
-    """Markdown table: one row per metric, one column per named result dict (mean ± standard error)."""
+def table(columns, title=None, order=None):
+    """Markdown table: one row per metric (in `order`, see rows), one column per named result dict
+    (mean ± standard error)."""
     names = list(columns)
     lines = ([f"### {title}", ""] if title else []) + ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in rows(columns[names[0]]):
+    for k in rows(columns[names[0]], order):
         cells = [f"{columns[n][k]:.3f}" + (f" ± {columns[n]['se'][k]:.3f}" if k in columns[n].get("se", {}) else "") for n in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

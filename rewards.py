@@ -275,6 +275,7 @@ DEFAULT_WEIGHTS = {"text_exact": 0.25, "text_bleu": 0.10, "format": 0.0,
                    "clip_i": 0.0, "clip_t": 0.0, "dino": 0.0, "judge": 0.0}
 WORLD_ONLY = ("identity", "alignment", "knowledge", "plausibility")  # exact checks of the embedded world
 REAL_ONLY = {"clip_i": "clip", "clip_t": "clip", "dino": "dino", "judge": "judge"}  # reward -> the scorer it needs
+SCORER_FLAGS = {"clip": "--clip-dir", "dino": "--dino-dir", "judge": "--judge"}  # scorer -> the train.py flag giving it
 
 
 def applies(name, rollout):

@@ -236,8 +236,7 @@ def load_scorers(args, device, say):
             scorers["clip" if kind == "clip" else "dino"] = rewards.Embedder(path, kind, device)
     if args.judge:
         scorers["judge"] = load_callable(args.judge)
-    flag = {"clip": "--clip-dir", "dino": "--dino-dir", "judge": "--judge"}
-    off = [f"{name} (no {flag[need]})" for name, need in rewards.REAL_ONLY.items()
+    off = [f"{name} (no {rewards.SCORER_FLAGS[need]})" for name, need in rewards.REAL_ONLY.items()
            if getattr(args, "w_" + name) and need not in scorers]
     for name, need in rewards.REAL_ONLY.items():
         if need not in scorers:
