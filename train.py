@@ -32,6 +32,7 @@ import eval as E
 import model as M
 import rewards
 import showo
+import unifybench
 
 
 # The base the main job starts from: `python train.py --stage pretrain` with the default flags writes the
@@ -298,9 +299,10 @@ def resolve_ckpt(path):
     return path
 
 
-def read_checkpoint(path, need_state=False):
+def read_checkpoint(path, need_state=False, load_state=True):
     """(folder, meta, weights, state or None) of a checkpoint, every file checked: a damaged one is a
-    BadInput naming it, rather than a library error (or NaNs that crash the sampler much later)."""
+    BadInput naming it, rather than a library error (or NaNs that crash the sampler much later).
+    load_state=False skips the optimizer state (twice the weights' size; evaluation needs none)."""
     path = resolve_ckpt(path)
     f = os.path.join(path, "meta.json")
     try:
@@ -319,7 +321,7 @@ def read_checkpoint(path, need_state=False):
     if bad:
         raise BadInput(f"{f}: expected finite weights, but NaN or inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     f, state = os.path.join(path, "state.pt"), None
-    if os.path.isfile(f):
+    if load_state and os.path.isfile(f):
         try:
             state = torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # a truncated zip (RuntimeError), an empty file (EOFError), a pickle error...
@@ -1093,7 +1095,10 @@ def plot_rewards(path, rows):
 
 def run_eval(args):
     """Held-out metrics of a checkpoint, written next to it as eval_<world folder>-seed<S>.json: results
-    on another world get another file, and a file holding another world's results is never overwritten."""
+    on another world get another file, and a file holding another world's results is never overwritten.
+    With --showo-dir: run_showo_eval."""
+    if args.showo_dir:
+        return run_showo_eval(args)
     model, meta, _ = load_checkpoint(args.ckpt)
     for k in ("cfg", "steps"):  # sample as the checkpoint was trained
         setattr(args, k, meta.get("args", {}).get(k, getattr(args, k)))
@@ -1105,17 +1110,64 @@ def run_eval(args):
     where = dict(data_dir=os.path.abspath(args.data_dir), seed=world.seed, train_concepts=len(world.train),
                  test_concepts=len(world.test))
     out = os.path.join(resolve_ckpt(args.ckpt), f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
+    check_eval_file(out, where)
+    held_out = from_files(data.load_tasks, args.data_dir, "test")
+    say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(held_out)} held-out tasks")
+    res = held_out_eval(model, tok, world, held_out, args)
+    write_eval(out, where, resolve_ckpt(args.ckpt), res, f"held-out concepts of {args.data_dir} (seed {world.seed})")
+    return res
+
+
+def check_eval_file(out, where):
+    """A results file of another world (or folder) is never overwritten."""
     if os.path.isfile(out):
         with open(out) as f:
             old = json.load(f).get("world")
         if old != where:
             raise BadInput(f"{out}: holds the results of another world ({old}); move it away to evaluate {where}")
-    held_out = from_files(data.load_tasks, args.data_dir, "test")
-    say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(held_out)} held-out tasks")
-    res = held_out_eval(model, tok, world, held_out, args)
-    print("\n" + E.table({os.path.basename(os.path.normpath(args.ckpt)): res}, f"held-out concepts of {args.data_dir} (seed {world.seed})"))
-    atomic_write(out, json.dumps(dict(world=where, checkpoint=resolve_ckpt(args.ckpt), metrics=res), indent=1).encode())
+
+
+def write_eval(out, where, checkpoint, res, title, order=None):
+    """The results table on the console, and {world, checkpoint, metrics} as JSON at `out`."""
+    print("\n" + E.table({os.path.basename(os.path.normpath(checkpoint)): res}, title, order))
+    atomic_write(out, json.dumps(dict(world=where, checkpoint=checkpoint, metrics=res), indent=1).encode())
     say(0, f"wrote {out}")
+
+
+def run_showo_eval(args):
+    """UnifyBench metrics of Show-o on a real folder's test split (unifybench.evaluate): the --showo-dir
+    model with fresh concept tokens, or an RL run of it (--ckpt, sampled as it was trained). Written as
+    eval_<folder>.json next to the checkpoint, or into <out-dir>/eval without one."""
+    path, meta, weights, _ = read_checkpoint(args.ckpt, load_state=False) if args.ckpt else (None, {}, None, None)
+    for k in ("cfg", "steps", "maskgit_sampler", "max_text", "concept_tokens"):  # its sampling and its vocabulary
+        setattr(args, k, meta.get("args", {}).get(k, getattr(args, k)))
+    # no frozen reference copy; the metrics say themselves which scorers are missing
+    eargs = argparse.Namespace(**{**vars(args), "beta": 0.0, "dgs": 0, "concept_rows_only": False,
+                                  **{f"w_{k}": 0.0 for k in rewards.REAL_ONLY}})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world, tok, policy, _ = from_files(showo.setup, eargs, device)
+    if weights is not None:
+        load_weights(policy, weights, path)
+    args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
+    where = dict(data_dir=os.path.abspath(args.data_dir), concepts=[c.name for c in world.concepts])
+    folder = path or os.path.join(args.out_dir, "eval")
+    out = os.path.join(folder, f"eval_{os.path.basename(where['data_dir'])}.json")
+    check_eval_file(out, where)
+    tasks = world.test_tasks
+    if not tasks:
+        raise BadInput(f"{args.data_dir}: no test tasks (concept/test/<name>/vqa.json, text_only.json, t2i_conditions.json)")
+    skipped = unifybench.skipped(world, tasks)
+    if skipped:
+        say(0, "skipped: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()))
+    checkpoint = path or os.path.abspath(args.showo_dir)
+    say(0, f"evaluating {checkpoint} on {len(tasks)} test tasks (CFG {args.cfg}, {args.steps} MaskGIT steps, "
+           f"{args.eval_draws} drawings per request)")
+    t0 = time.time()
+    with amp(args, device):
+        res = unifybench.evaluate(policy, tok, world, tasks, args)
+    res.update(seconds=round(time.time() - t0, 1), skipped=skipped)
+    os.makedirs(folder, exist_ok=True)
+    write_eval(out, where, checkpoint, res, f"test split of {args.data_dir}", unifybench.METRICS)
     return res
 
 
@@ -1124,8 +1176,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stage == "eval":
-        if not args.ckpt:
-            raise SystemExit("--stage eval needs --ckpt PATH (a checkpoint folder or run folder)")
+        if not args.ckpt and not args.showo_dir:
+            raise SystemExit("--stage eval needs --ckpt PATH (a checkpoint folder or run folder) or --showo-dir")
         return run_eval(args)
     rank, world_size, device = setup_dist()
     try:

@@ -10,19 +10,26 @@ world train.py samples RL tasks from when it trains a real model (data.World is 
   concept/test/<c>/text_only.json        [{"question", "answer"}, ...]
   concept/test/<c>/t2i_conditions.json   {"personalized_driven_generation": [aligned with extra_info],
                                           "generation": [...] (optional)}
+  test_data/<c>.json (optional)          recognition items, as UniCTokens' gen_test_data.py writes them:
+                                          [{"type": "rec", "image", "conversations": [{"value": question},
+                                          {"value": "Yes." / "No."}]}, ...] (its other types repeat the files above)
 
 The test folder is optional for training. Every image is opened when the folder is read (a broken one
 fails there, named) and encoded by the model's codec (resized and centre-cropped) when a task first
 uses it. RL tasks: mode u asks the conversations' questions about a reference image; mode r takes the
 personalized requests of t2i_conditions.json with the aligned extra_info fact as the reasoning to state.
+`evaluate` measures a model on the test split (train.py --stage eval --showo-dir ...).
 """
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 import data
+import eval as E
 import rewards
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
@@ -127,9 +134,45 @@ def _t2i(concept, path):
             + [data.Task("gen", concept, r, concept.info, meta=dict(meta)) for r in plain])
 
 
+def said(text):
+    """The yes or no an answer starts with ("Yes." -> "yes", "no, it is not" -> "no"), else ""."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words and words[0] in ("yes", "no") else ""
+
+
+def _locate(root, name):
+    """An image a derived test file names: as written (absolute, or relative to the folder), else its
+    longest tail that exists under the folder (the released files hold the writer's absolute paths)."""
+    p = Path(name)
+    tries = [root / p] + [root.joinpath(*p.parts[i:]) for i in range(1, len(p.parts))]
+    return next((q for q in tries if q.is_file()), root / p)
+
+
+def _recognition(concept, root):
+    """Recognition tasks (answer "yes" / "no") from the entries of type "rec" of test_data/<c>.json."""
+    path, tasks = root / "test_data" / f"{concept.name}.json", []
+    if not path.is_file():
+        return tasks
+    for e in _read(path, kind=list):
+        if isinstance(e, dict) and e.get("type") != "rec":
+            continue  # vqa / text_only entries: the same questions as concept/test/<c>/, read there
+        conv = e.get("conversations") if isinstance(e, dict) else None
+        ok = (isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(conv, list) and len(conv) >= 2
+              and all(isinstance(x, dict) and isinstance(x.get("value"), str) for x in conv[:2]))
+        if not ok or not said(conv[1]["value"]):
+            raise ValueError(f"{path}: entry {e!r} needs an 'image' and 'conversations' [question, answer], "
+                             "the answer starting with Yes or No")
+        image = _locate(root, e["image"])
+        if not image.is_file():
+            raise FileNotFoundError(f"{path}: image {e['image']!r} not found, as written nor under {root}")
+        tasks.append(data.Task("recognition", concept, conv[0]["value"].replace("<image>", "").strip(), said(conv[1]["value"]),
+                               meta={"source": path.name, "image_path": str(_check_image(image))}))
+    return tasks
+
+
 def load_tasks(root, concepts, split):
     """train: conversations (vqa) + t2i_conditions (kgen, gen) where the test folder has them;
-    test: vqa.json, text_only.json (textqa), t2i_conditions.json."""
+    test: test_data/<c>.json's recognition items if any, vqa.json, text_only.json (textqa), t2i_conditions.json."""
     root, tasks = Path(root), []
     for c in concepts:
         train_dir, test_dir = (root / "concept" / s / c.name for s in ("train", "test"))
@@ -138,6 +181,7 @@ def load_tasks(root, concepts, split):
             if (test_dir / "t2i_conditions.json").is_file():
                 tasks += _t2i(c, test_dir / "t2i_conditions.json")
             continue
+        tasks += _recognition(c, root)
         if not test_dir.is_dir():
             continue
         path = test_dir / "vqa.json"
@@ -174,8 +218,11 @@ class Bench:
         if not pool:
             raise ValueError(f"{self.root}: no training tasks of kinds {list(kinds)} (vqa from conversations.json, "
                              "kgen/gen from concept/test/<c>/t2i_conditions.json)")
-        picked = [rng.choice(pool) for _ in range(n)]
-        return [replace(t, image=self.image_codes(t.meta["image_path"])) if "image_path" in t.meta else t for t in picked]
+        return [self.with_image(rng.choice(pool)) for _ in range(n)]
+
+    def with_image(self, task):
+        """The task with the codes of its input image, if it has one."""
+        return replace(task, image=self.image_codes(task.meta["image_path"])) if "image_path" in task.meta else task
 
     def draw_after_answer(self, task):
         """Mode u: draw the concept, conditioned on the answer just given."""
@@ -200,3 +247,79 @@ class Bench:
 
     def preview_score(self, gens, codes):
         return rewards.clip_preview_score(gens, codes, self.reward_ctx())
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa_bleu", "vqa_exact", "textqa_bleu", "textqa_exact",
+           "reasoning_bleu", "reasoning_exact", "clip_i", "clip_t", "dino", "knowledge"]
+TEXT_METRIC = {"vqa": "vqa", "textqa": "textqa", "kgen": "reasoning"}  # task kind -> its text metrics' prefix
+# drawing metric -> (the scorer it needs, the reward that computes it); knowledge: knowledge requests only
+DRAWN = {"clip_i": ("clip", rewards.clip_i), "clip_t": ("clip", rewards.clip_t), "dino": ("dino", rewards.dino),
+         "knowledge": ("judge", rewards.judge)}
+
+
+@torch.no_grad()
+def evaluate(model, tok, bench, tasks, args):
+    """UnifyBench metrics of `tasks` (load_tasks(..., "test")), as eval.summary gives them: answers and
+    each request's reasoning greedy, then --eval-draws drawings per request at --eval-temperature from
+    fixed seeds (an item is a question or a request: the mean over its drawings). A drawing metric whose
+    scorer bench.scorers lacks is left out (`skipped` says why)."""
+    model.eval()
+    answers = greedy(model, tok, [bench.with_image(t) for t in tasks], args)
+    items = {}
+    for t, text in zip(tasks, answers):
+        for name, v in text_scores(t, text).items():
+            items.setdefault(name, []).append(v)
+    requests = [(t, x) for t, x in zip(tasks, answers) if t.kind in ("gen", "kgen")]
+    for chunk in E.batches(requests, max(1, args.eval_batch // args.eval_draws)):
+        for name, v in drawing_scores(model, tok, bench, chunk, args).items():
+            items.setdefault(name, []).extend(v)
+    return E.summary({m: items[m] for m in METRICS if m in items})
+
+
+def greedy(model, tok, tasks, args):
+    """Each task's greedy answer (a drawing request's: its reasoning), --eval-batch prompts at a time."""
+    return [x for chunk in E.batches(tasks, args.eval_batch)
+            for x in E.answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)[0]]
+
+
+def text_scores(task, text):
+    """One answer's text metrics: recognition by the yes / no it starts with; VQA, text-only QA and a
+    knowledge request's stated fact by char-BLEU and exact match against the reference."""
+    if task.kind == "recognition":
+        return {"recognition_" + ("pos" if task.answer == "yes" else "neg"): float(said(text) == task.answer)}
+    if task.kind not in TEXT_METRIC:
+        return {}
+    roll, name = [rewards.Rollout(task, None, text)], TEXT_METRIC[task.kind]
+    return {name + "_bleu": rewards.text_bleu(roll, {})[0], name + "_exact": rewards.text_exact(roll, {})[0]}
+
+
+def drawing_scores(model, tok, bench, chunk, args):
+    """{metric: each request's mean over its drawings} for (request, reasoning) pairs, each drawn
+    --eval-draws times conditioned on its reasoning, by every scorer given."""
+    k = args.eval_draws
+    prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in chunk]
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
+    codes = E.draw(model, tok, [p for p in prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
+    groups = [[rewards.Rollout(t, t, x, codes[i * k + j]) for j in range(k)] for i, (t, x) in enumerate(chunk)]
+    ctx, out = bench.reward_ctx(), {}
+    everyone = [r for grp in groups for r in grp]
+    pics = dict(zip(map(id, everyone), ctx["drawings"](everyone)))
+    ctx["drawings"] = lambda rolls: [pics[id(r)] for r in rolls]  # decoded once, for every scorer
+    for name, (need, fn) in DRAWN.items():
+        scored = [grp for grp in groups if name != "knowledge" or grp[0].gen.kind == "kgen"]
+        if need in bench.scorers and scored:
+            vals = fn([r for grp in scored for r in grp], ctx)
+            out[name] = [E.mean(vals[i * k:(i + 1) * k]) for i in range(len(scored))]
+    return out
+
+
+def skipped(bench, tasks):
+    """{metric: why these flags and this folder leave it out}."""
+    out = {m: f"no {rewards.SCORER_FLAGS[need]}" for m, (need, _) in DRAWN.items() if need not in bench.scorers}
+    answers = {t.answer for t in tasks if t.kind == "recognition"}
+    if answers != {"yes", "no"}:
+        out["recognition"] = (f"only {answers.pop()!r} items; the weighted accuracy needs both" if answers
+                              else "no recognition items (test_data/<concept>.json entries of type rec)")
+    return out

@@ -35,7 +35,8 @@ SIZES = [(37, 23), (50, 61), (29, 29)]  # odd sizes: the codec resizes and centr
 
 
 def write_unifybench(root, concepts=CONCEPTS):
-    """concept/train/<c>/ (info, conversations, 2 PNG + 1 JPG) and concept/test/<c>/ (vqa, text_only, t2i)."""
+    """concept/train/<c>/ (info, conversations, 2 PNG + 1 JPG), concept/test/<c>/ (vqa, text_only, t2i)
+    and test_data/<c>.json (recognition: its own test image, yes; every other concept's, no)."""
     rng = np.random.default_rng(0)
     for name, c in concepts.items():
         train, test = Path(root, "concept", "train", name), Path(root, "concept", "test", name)
@@ -54,7 +55,17 @@ def write_unifybench(root, concepts=CONCEPTS):
         dump(test / "text_only.json", [{"question": f"where is <{name}> ?", "answer": "on the desk"}])
         dump(test / "t2i_conditions.json", {"personalized_driven_generation": c["requests"],
                                             "generation": [f"a photo of <{name}> on the beach"]})
+        Path(root, "test_data").mkdir(exist_ok=True)
+        dump(Path(root, "test_data", f"{name}.json"), [recognition_item(name, o) for o in concepts]
+             + [{"image": "", "type": "text_only", "conversations": [{"value": f"where is <{name}> ?"}, {"value": "on the desk"}]}])
     return str(root)
+
+
+def recognition_item(name, shown):
+    """A released-style entry: the image path is absolute on the machine that wrote the file."""
+    return {"image": f"/elsewhere/UniCTokens/concept/test/{shown}/q.png", "type": "rec",
+            "conversations": [{"from": "human", "value": f"<image>\nis <{name}> in the photo ?"},
+                              {"from": "gpt", "value": "Yes." if shown == name else "No."}]}
 
 
 def dump(path, obj):

@@ -1,19 +1,25 @@
 """The Show-o path on tiny random folders built offline (tests/showo_fixture.py): checkpoint parity with
 transformers (safetensors and .bin), Show-o's attention masks, MAGVIT-v2 shapes and round trip, the
 UnifyBench loader on real PNG/JPG files, the tokenizer, CLIP / DINO / judge rewards, one full Sync-GRPO
-step through train.main, and clear errors on bad folders and flags.
+step through train.main, the evaluation stage on a UnifyBench folder, and clear errors on bad folders and flags.
 
 The tiny tokenizers are word-level PreTrainedTokenizerFast objects built from a vocabulary written by
 the fixture (no download); the CLIP folder gets the same kind, with a pad token."""
+import argparse
 import json
+import math
+import os
 import random
 import shutil
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import data
+import eval as E
 import magvit
 import model as M
 import rewards as R
@@ -171,7 +177,7 @@ def test_unifybench_folder_with_real_images_loads(folders):
     assert [t.question for t in bench.train_tasks if t.kind == "vqa"][-1] == "what colour is <mug> ?"  # key `query`
     kgen = [t for t in bench.train_tasks if t.kind == "kgen"]
     assert kgen[1].question == "<bo> at its favourite place" and kgen[1].answer == "<bo> likes the beach"
-    assert {t.kind for t in bench.test_tasks} == {"vqa", "textqa", "kgen", "gen"}
+    assert {t.kind for t in bench.test_tasks} == {"recognition", "vqa", "textqa", "kgen", "gen"}
     tasks = bench.sample_tasks(["vqa"], 3, random.Random(0))
     assert all(t.image.shape == (16,) for t in tasks)
     after = bench.draw_after_answer(tasks[0])
@@ -335,3 +341,87 @@ def test_bad_showo_flags_fail_clearly(folders, capsys):
     with pytest.raises(SystemExit):
         T.get_args(["--showo-dir", folders["showo_dir"], "--w-identity", "0.3"])
     assert "exact check of the embedded world" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- evaluation on the test split
+
+TINY_EVAL = ["--stage", "eval", "--steps", "2", "--eval-draws", "2", "--max-text", "4"]
+
+
+def test_recognition_items_of_the_released_test_files(folders):
+    tasks = U.load_tasks(folders["data_dir"], U.load_concepts(folders["data_dir"]), "test")
+    rec = [t for t in tasks if t.kind == "recognition"]
+    assert [(t.concept.token, t.answer) for t in rec] == [("<bo>", "yes"), ("<bo>", "no"), ("<mug>", "no"), ("<mug>", "yes")]
+    assert rec[0].question == "is <bo> in the photo ?"
+    assert rec[1].meta["image_path"] == str(Path(folders["data_dir"], "concept", "test", "mug", "q.png"))  # found here
+    assert sum(t.kind == "textqa" for t in tasks) == 2  # the file's text_only entries are text_only.json's, read once
+
+
+def test_yes_no_rule():
+    assert [U.said(x) for x in ("Yes.", "no, it is not", "I do not know", "Nope", "")] == ["yes", "no", "", "", ""]
+
+
+def test_weighted_recognition_bleu_and_exact_on_hand_built_answers(monkeypatch):
+    c = U.Concept("<bo>", "dog", "a dog", [], [])
+    ask = lambda kind, answer: data.Task(kind, c, "q", answer)
+    scripted = [(ask("recognition", "yes"), "Yes."), (ask("recognition", "yes"), "yes it is"), (ask("recognition", "yes"), "No."),
+                (ask("recognition", "no"), "No, it is not."), (ask("recognition", "no"), "I do not know"),
+                (ask("vqa", "brown"), "Brown "), (ask("vqa", "on the desk"), "the desk"),
+                (ask("textqa", "on the desk"), "on the desk"), (ask("textqa", "brown"), "")]
+    monkeypatch.setattr(U, "greedy", lambda model, tok, tasks, args: [x for _, x in scripted])
+    bench = types.SimpleNamespace(with_image=lambda t: t, scorers={})
+    res = U.evaluate(torch.nn.Linear(1, 1), None, bench, [t for t, _ in scripted], argparse.Namespace(eval_batch=4, eval_draws=2))
+    assert res["recognition_pos"] == pytest.approx(2 / 3) and res["recognition_neg"] == 0.5
+    assert res["recognition"] == pytest.approx((2 / 3 + 0.5) / 2)  # weighted: each half counts the same
+    assert res["se"]["recognition"] == pytest.approx(0.5 * math.hypot(E.stderr([1, 1, 0]), E.stderr([1, 0])))
+    bleu = math.exp(1 - 11 / 8)  # "the desk" against "on the desk": every 1- and 2-gram matches; the brevity penalty
+    assert res["vqa_bleu"] == pytest.approx((1 + bleu) / 2) and res["vqa_exact"] == 0.5
+    assert res["textqa_bleu"] == res["textqa_exact"] == 0.5
+    assert list(res["se"]) == ["recognition", "recognition_pos", "recognition_neg", "vqa_bleu", "vqa_exact",
+                               "textqa_bleu", "textqa_exact"]  # no request: no drawing metric
+
+
+def test_eval_stage_on_the_showo_path(tmp_path, folders, capsys):
+    T.main(F.flags(folders) + TINY_EVAL + ["--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark"])
+    saved = json.loads((tmp_path / "eval" / "eval_data.json").read_text())
+    assert saved["world"] == {"data_dir": folders["data_dir"], "concepts": ["bo", "mug"]}
+    assert saved["checkpoint"] == os.path.abspath(folders["showo_dir"])
+    res = saved["metrics"]
+    assert list(res["se"]) == U.METRICS and res["skipped"] == {}
+    assert all(0 <= res[m] <= 1 for m in U.METRICS if m not in ("clip_i", "clip_t", "dino"))
+    assert len(res["items"]["knowledge"]) == 4 and len(res["items"]["clip_i"]) == 6  # kgen requests; kgen + plain
+    out = capsys.readouterr().out
+    assert "| knowledge |" in out and "skipped" not in out
+    bare = {k: v for k, v in folders.items() if k not in ("clip_dir", "dino_dir")}
+    res = T.main(F.flags(bare) + TINY_EVAL + ["--out-dir", str(tmp_path / "bare")])
+    assert set(U.METRICS) - set(res["se"]) == {"clip_i", "clip_t", "dino", "knowledge"}
+    assert ("skipped: clip_i (no --clip-dir), clip_t (no --clip-dir), dino (no --dino-dir), knowledge (no --judge)"
+            in capsys.readouterr().out)
+
+
+def test_eval_of_an_rl_checkpoint_writes_next_to_it_and_keeps_other_results(tmp_path, folders):
+    T.main(F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--no-bf16"] + TINY_RL)
+    argv = F.flags(folders) + TINY_EVAL + ["--ckpt", str(tmp_path / "rl"), "--no-bf16"]  # its 2 concept tokens come from the run
+    T.main(argv)
+    step = tmp_path / "rl" / "step_000001"
+    saved = json.loads((step / "eval_data.json").read_text())
+    assert saved["checkpoint"] == str(step) and "clip_i" in saved["metrics"]
+    (step / "eval_data.json").write_text(json.dumps({"world": {"data_dir": "/other/data"}}))
+    with pytest.raises(T.BadInput, match="holds the results of another world"):
+        T.main(argv)
+
+
+@pytest.mark.parametrize("breakage, named", [
+    (lambda d: (d / "concept/test/bo/vqa.json").write_text('[{"image": "q.png", "question": "q"}]'), "vqa.json"),
+    (lambda d: (d / "concept/test/mug/text_only.json").write_text('[{"question": "q", "answer": '), "text_only.json"),
+    (lambda d: F.dump(d / "test_data/bo.json", [dict(F.recognition_item("bo", "bo"), conversations=[{"value": "q"}, {"value": "Maybe."}])]),
+     "bo.json"),
+    (lambda d: F.dump(d / "test_data/mug.json", [dict(F.recognition_item("mug", "mug"), image="/elsewhere/gone.png")]), "mug.json"),
+])
+def test_malformed_test_file_names_it(tmp_path, folders, breakage, named):
+    root = tmp_path / "data"
+    shutil.copytree(folders["data_dir"], root)
+    breakage(root)
+    with pytest.raises(T.BadInput, match=named):
+        T.main(F.flags(dict(folders, data_dir=str(root))) + TINY_EVAL + ["--out-dir", str(tmp_path)])
+
