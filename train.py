@@ -167,6 +167,9 @@ def get_args(argv=None):
     a("--concept-init", default="class", choices=["class", "image"],
       help="new rows start at the class word's rows, or (concept tokens) at the mean row of the reference images' codes")
     a("--concept-rows-only", action="store_true", help="train only the concept tokens' embedding and lm_head rows")
+    a("--first-sentence", action="store_true",
+      help="mode u: draw from the answer's first sentence only, as the released code cuts it (first line, up to the "
+           "first '.', else '!', else '?'); off: the whole answer")
     a("--bf16", action=argparse.BooleanOptionalAction, default=False,
       help="bf16 autocast for rollouts and updates (weights and optimizer state stay fp32); on in --preset showo")
     a("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
@@ -581,7 +584,8 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
         p.update(text=texts, toks=toks, lp=lp, mask=valid, finished=(toks == tok.eor_id).any(1).tolist())
     if gen_task is None:
         return p
-    reasons = [tok.encode(x) for x in p["text"]] if task is not None else [[]] * n
+    cut = args.first_sentence and task is not None and gen_task is not task  # mode u draws a new request after the answer
+    reasons = [tok.encode(unifybench.first_sentence(x) if cut else x) for x in p["text"]] if task is not None else [[]] * n
     p["gen_prompts"] = [data.generation_prompt(tok, gen_task.concept, gen_task.question, r) for r in reasons]
     p["img"] = E.draw(model, tok, p["gen_prompts"], rl_sampling(args), args.temperature, g, stop=stop)
     return p

@@ -249,6 +249,17 @@ class Bench:
         return rewards.clip_preview_score(gens, codes, self.reward_ctx())
 
 
+def first_sentence(text):
+    """The released code's cut of mode u's answer before drawing (after its LLM rewrite, which nanosync
+    has not): the first line, up to the first '.', or if it has none the first '!', else the first '?'
+    (searched in that order, not by position); the whole line if it has none of them."""
+    line = text.split("\n", 1)[0]
+    for mark in ".!?":
+        if mark in line:
+            return line[:line.index(mark) + 1]
+    return line
+
+
 # ----------------------------------------------------------------------------- held-out evaluation
 
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa_bleu", "vqa_exact", "textqa_bleu", "textqa_exact",

@@ -357,8 +357,11 @@ def test_recognition_items_of_the_released_test_files(folders):
     assert sum(t.kind == "textqa" for t in tasks) == 2  # the file's text_only entries are text_only.json's, read once
 
 
-def test_yes_no_rule():
+def test_yes_no_and_first_sentence_rules():
     assert [U.said(x) for x in ("Yes.", "no, it is not", "I do not know", "Nope", "")] == ["yes", "no", "", "", ""]
+    assert U.first_sentence("It is red! Quite. Yes?\nmore") == "It is red! Quite."  # '.' searched before '!', as released
+    assert U.first_sentence("Is it? Yes!") == "Is it? Yes!"
+    assert U.first_sentence("no mark\nsecond. line") == "no mark"
 
 
 def test_weighted_recognition_bleu_and_exact_on_hand_built_answers(monkeypatch):
@@ -425,3 +428,18 @@ def test_malformed_test_file_names_it(tmp_path, folders, breakage, named):
     with pytest.raises(T.BadInput, match=named):
         T.main(F.flags(dict(folders, data_dir=str(root))) + TINY_EVAL + ["--out-dir", str(tmp_path)])
 
+
+def test_first_sentence_cuts_mode_u_answer_before_drawing(monkeypatch, folders):
+    tok, _ = tokenizer_and_config(folders)
+    tok.add_concepts(["<bo>"])
+    c = U.Concept("<bo>", "dog", "a dog", ["<bo> likes the beach"], [])
+    vqa = data.Task("vqa", c, "what colour is <bo> ?", "brown", image=torch.arange(16))
+    kgen = data.Task("kgen", c, "<bo> at its favourite place", "<bo> likes the beach")
+    after = data.Task("gen", c, U.DRAW.format(tok="<bo>"), "brown")
+    answer = "brown . it likes the beach"
+    monkeypatch.setattr(T.E, "answer", lambda model, tok, prompts, *a: ([answer] * len(prompts), torch.zeros(len(prompts), 1), None, None))
+    drawn = []
+    monkeypatch.setattr(T.E, "draw", lambda model, tok, prompts, *a, **k: drawn.append(prompts[0]))
+    for flag, task, gen, kept in ((False, vqa, after, answer), (True, vqa, after, "brown ."), (True, kgen, kgen, answer)):
+        T.sample_partials(None, tok, task, gen, 1, T.get_args(["--first-sentence"] if flag else []), None, None)
+        assert drawn[-1][-2 - len(tok.encode(kept)):-2] == tok.encode(kept), (flag, task.kind)  # then <eos> <soi>
