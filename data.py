@@ -162,6 +162,27 @@ class WorldCodec:
 
 # ---------------------------------------------------------------- concepts and world
 
+# Share of concepts whose user context also states a friend's facts. With a friend in every context a
+# 2000-step base could not yet tell the two identifiers' facts apart (text-only QA 0.32, chance 0.28).
+FRIEND_SHARE = 0.5
+
+
+@dataclass
+class Friend:
+    """Another identifier the user context states facts about. Its facts sit among the concept's own, in
+    a shuffled order, so that answering or drawing from the context means reading the facts of the right
+    identifier: with one fact of each kind in the context, every text task was a copy at the ceiling."""
+    token: str
+    hat: str
+    carry: tuple[str, str]
+    corner: str
+
+
+def _facts(token, hat, carry, corner):
+    return [FACTS[f].format(tok=token, colour=hat, obj=object_text(code_of(*carry)), region=corner)
+            for f in FACT_KINDS]
+
+
 @dataclass
 class Concept:
     token: str  # e.g. "<c7>"
@@ -170,6 +191,7 @@ class Concept:
     hat: str  # colour
     carry: tuple[str, str]  # (colour, shape)
     corner: str  # favourite region
+    friend: Friend | None = None  # facts about another identifier in the same context
 
     @property
     def name(self):
@@ -182,12 +204,17 @@ class Concept:
 
     @property
     def facts(self):
-        return [FACTS[f].format(tok=self.token, colour=self.hat, obj=fact_answer(self, "carry"),
-                                region=self.corner) for f in FACT_KINDS]
+        """The concept's own facts, in FACT_KINDS order (UnifyBench's extra_info)."""
+        return _facts(self.token, self.hat, self.carry, self.corner)
 
     @property
     def context(self):
-        return self.description + " " + " . ".join(self.facts) + " ."
+        facts = self.facts
+        if self.friend:
+            f = self.friend
+            facts = facts + _facts(f.token, f.hat, f.carry, f.corner)
+            random.Random(f"{self.token}/{f.token}").shuffle(facts)
+        return self.description + " " + " . ".join(facts) + " ."
 
 
 def fact_answer(concept, fact):
@@ -227,14 +254,26 @@ def make_world(seed: int, n_train: int = 24, n_test: int = 8) -> World:
     looks = [(cls, colour) for cls in CLASSES for colour in COLOURS]
     if n_train + n_test > len(looks):
         raise ValueError(f"at most {len(looks)} concepts have distinct sprites, asked for {n_train + n_test}")
-    concepts = [_concept(f"<c{i}>", look, rng) for i, look in enumerate(rng.sample(looks, n_train + n_test))]
+    n = n_train + n_test
+    concepts = [_concept(f"<c{i}>", look, rng, _other_id(f"<c{i}>", n, rng))
+                for i, look in enumerate(rng.sample(looks, n))]
     return World(concepts[:n_train], concepts[n_train:], seed)
 
 
-def _concept(token, look, rng):
+def _concept(token, look, rng, friend_token):
     cls, colour = look
-    return Concept(token, cls, [code_of(colour, s) for s in class_shapes(cls)], rng.choice(COLOURS),
-                   (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS))
+    hat, carry, corner = rng.choice(COLOURS), (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS)
+    # the friend's facts all differ from the concept's, so that reading the wrong one is always wrong
+    friend = Friend(friend_token, rng.choice([c for c in COLOURS if c != hat]),
+                    (rng.choice([c for c in COLOURS if c != carry[0]]), rng.choice(SHAPES)),
+                    rng.choice([r for r in REGIONS if r != corner]))
+    friend = friend if rng.random() < FRIEND_SHARE else None
+    return Concept(token, cls, [code_of(colour, s) for s in class_shapes(cls)], hat, carry, corner, friend)
+
+
+def _other_id(token, n_ids, rng):
+    """An identifier <cK> (K < n_ids) other than token."""
+    return rng.choice([f"<c{i}>" for i in range(n_ids) if f"<c{i}>" != token])
 
 
 def random_concepts(n, n_ids, rng):
@@ -242,7 +281,8 @@ def random_concepts(n, n_ids, rng):
     what the base is pretrained on, so that it belongs to no world and serves every world seed. Every
     world's concepts, held-out ones included, are new to it as concepts (a look with its own facts)."""
     looks = rng.sample([(cls, colour) for cls in CLASSES for colour in COLOURS], n)
-    return [_concept(f"<c{i}>", look, rng) for i, look in zip(rng.sample(range(n_ids), n), looks)]
+    tokens = [f"<c{i}>" for i in rng.sample(range(n_ids), n)]
+    return [_concept(t, look, rng, _other_id(t, n_ids, rng)) for t, look in zip(tokens, looks)]
 
 
 # ---------------------------------------------------------------- scenes
@@ -379,10 +419,12 @@ def kgen_task(concept, fact, rng):
 
 
 def anonymize(concepts, n_ids, rng):
-    """Copies of the concepts under fresh identifiers drawn from <c0>..<c{n_ids-1}>. An identifier is a
-    name bound by the user context: training under shuffled names teaches the model to read the context
-    instead of memorizing ids, and no identifier a held-out concept uses is left untrained."""
-    return [replace(c, token=f"<c{i}>") for c, i in zip(concepts, rng.sample(range(n_ids), len(concepts)))]
+    """Copies of the concepts under fresh identifiers drawn from <c0>..<c{n_ids-1}> (their friends' too).
+    An identifier is a name bound by the user context: training under shuffled names teaches the model to
+    read the context instead of memorizing ids, and no identifier a held-out concept uses is left untrained."""
+    tokens = [f"<c{i}>" for i in rng.sample(range(n_ids), len(concepts))]
+    return [replace(c, token=t, friend=c.friend and replace(c.friend, token=_other_id(t, n_ids, rng)))
+            for c, t in zip(concepts, tokens)]
 
 
 VARIANTS = {"recognition": [None], "vqa": ["where", "beside", "hat"], "textqa": FACT_KINDS, "gen": REGIONS,
@@ -622,7 +664,9 @@ def _write_train_dir(folder, concept, rng):
     _write(folder / "info.json", {
         "class": concept.cls, "info": concept.description, "extra_info": concept.facts,
         "sprite": concept.sprite, "hat": concept.hat, "carry": list(concept.carry),
-        "corner": concept.corner})
+        "corner": concept.corner} | ({"friend": {"token": concept.friend.token, "hat": concept.friend.hat,
+                                                 "carry": list(concept.friend.carry), "corner": concept.friend.corner}}
+                                     if concept.friend else {}))
     conversations = {}
     for i in range(N_REFERENCE):
         image, qa = posed_scene(concept, rng, with_carry=rng.random() < 0.5)
@@ -668,16 +712,34 @@ def _read_json(path, keys=(), kind=dict):
     return data
 
 
+def _facts_valid(hat, carry, corner):
+    colour, shape = carry
+    return hat in COLOURS and colour in COLOURS and shape in SHAPES and corner in REGIONS
+
+
+def _load_friend(info, path):
+    """The optional "friend" entry of info.json: {"token", "hat", "carry", "corner"}."""
+    if "friend" not in info:
+        return None
+    f = info["friend"]
+    try:
+        friend = Friend(f["token"], f["hat"], tuple(f["carry"]), f["corner"])
+        valid = re.fullmatch(r"<c\d+>", friend.token) and _facts_valid(friend.hat, friend.carry, friend.corner)
+    except (TypeError, ValueError, KeyError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{path}: invalid 'friend' (expected token <cK>, hat, carry [colour, shape], corner)")
+    return friend
+
+
 def _load_concept(folder):
     path = folder / "info.json"
     info = _read_json(path, INFO_KEYS)
     try:
         concept = Concept(f"<{folder.name}>", info["class"], [int(x) for x in info["sprite"]],
                           info["hat"], tuple(info["carry"]), info["corner"])
-        colour, shape = concept.carry
         valid = (len(concept.sprite) == 4 and all(0 < x < CODEBOOK for x in concept.sprite)
-                 and concept.hat in COLOURS and colour in COLOURS and shape in SHAPES
-                 and concept.corner in REGIONS and isinstance(concept.cls, str))
+                 and _facts_valid(concept.hat, concept.carry, concept.corner) and isinstance(concept.cls, str))
     except (TypeError, ValueError):
         valid = False
     if not valid:
@@ -685,7 +747,7 @@ def _load_concept(folder):
     # The texts are what prompts show, so they must agree with the ground truth.
     if info["info"] != concept.description or info["extra_info"] != concept.facts:
         raise ValueError(f"{path}: 'info'/'extra_info' disagree with sprite/hat/carry/corner")
-    return concept
+    return replace(concept, friend=_load_friend(info, path))
 
 
 def load_world(root) -> World:

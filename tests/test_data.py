@@ -3,6 +3,7 @@ UnifyBench disk layout round trip with its error messages, and the tokenizer."""
 import json
 import random
 import shutil
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -85,6 +86,24 @@ def test_concept_texts():
     assert C7.facts == ["<c7> has a red hat", "<c7> carries a green-cross",
                         "<c7> likes the top left corner"]
     assert C7.context == C7.description + " " + " . ".join(C7.facts) + " ."
+
+
+def test_friend_facts_are_shuffled_among_the_concepts_own_and_all_differ():
+    friend = data.Friend("<c3>", "blue", ("red", "circle"), "bottom right")
+    c = replace(C7, friend=friend)
+    facts = c.context[len(c.description) + 1:-2].split(" . ")
+    assert sorted(facts) == sorted(C7.facts + ["<c3> has a blue hat", "<c3> carries a red-circle",
+                                               "<c3> likes the bottom right corner"])
+    assert c.facts == C7.facts  # extra_info and every reference answer stay the concept's own
+    concepts = data.make_world(5, 20, 4).concepts + data.random_concepts(20, 30, random.Random(1))
+    assert 0 < sum(c.friend is not None for c in concepts) < len(concepts)
+    for c in [c for c in concepts if c.friend]:
+        f = c.friend
+        assert f.token != c.token and f.hat != c.hat and f.carry[0] != c.carry[0] and f.corner != c.corner
+        assert c.context.index(c.facts[0]) > len(c.description)  # every fact stated, own and friend's
+    renamed = data.anonymize(data.make_world(5, 20, 4).train, 20, random.Random(0))
+    assert all(c.friend is o.friend is None or (c.friend.token != c.token and c.friend.hat == o.friend.hat)
+               for c, o in zip(renamed, data.make_world(5, 20, 4).train))
 
 
 def test_identity_and_alignment_on_hand_built_grids():
@@ -347,6 +366,11 @@ def test_malformed_or_inconsistent_info_json(world_copy):
     info["hat"] = "blue" if info["hat"] != "blue" else "red"
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"info\.json: 'info'/'extra_info' disagree"):
+        data.load_world(world_copy)
+    info = json.loads(good)
+    info["friend"] = {"token": "<c1>", "hat": "red", "carry": ["red"], "corner": "top left"}
+    path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"c0[/\\]info\.json: invalid 'friend'"):
         data.load_world(world_copy)
 
 
