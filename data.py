@@ -22,7 +22,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -255,15 +255,17 @@ def make_world(seed: int, n_train: int = 24, n_test: int = 8) -> World:
     if n_train + n_test > len(looks):
         raise ValueError(f"at most {len(looks)} concepts have distinct sprites, asked for {n_train + n_test}")
     n = n_train + n_test
-    concepts = [_concept(f"<c{i}>", look, rng, _other_id(f"<c{i}>", n, rng))
-                for i, look in enumerate(rng.sample(looks, n))]
+    concepts = [_concept(f"<c{i}>", look, rng, n) for i, look in enumerate(rng.sample(looks, n))]
     return World(concepts[:n_train], concepts[n_train:], seed)
 
 
-def _concept(token, look, rng, friend_token):
+def _concept(token, look, rng, n_ids):
+    """A concept of this look with random facts, and a friend (another identifier below n_ids) whose facts
+    all differ from its own, so that reading the wrong one is always wrong. The friend is drawn even when
+    FRIEND_SHARE leaves it out, so that every concept consumes the same random numbers."""
+    friend_token = _other_id(token, n_ids, rng)
     cls, colour = look
     hat, carry, corner = rng.choice(COLOURS), (rng.choice(COLOURS), rng.choice(SHAPES)), rng.choice(REGIONS)
-    # the friend's facts all differ from the concept's, so that reading the wrong one is always wrong
     friend = Friend(friend_token, rng.choice([c for c in COLOURS if c != hat]),
                     (rng.choice([c for c in COLOURS if c != carry[0]]), rng.choice(SHAPES)),
                     rng.choice([r for r in REGIONS if r != corner]))
@@ -282,7 +284,7 @@ def random_concepts(n, n_ids, rng):
     world's concepts, held-out ones included, are new to it as concepts (a look with its own facts)."""
     looks = rng.sample([(cls, colour) for cls in CLASSES for colour in COLOURS], n)
     tokens = [f"<c{i}>" for i in rng.sample(range(n_ids), n)]
-    return [_concept(t, look, rng, _other_id(t, n_ids, rng)) for t, look in zip(tokens, looks)]
+    return [_concept(t, look, rng, n_ids) for t, look in zip(tokens, looks)]
 
 
 # ---------------------------------------------------------------- scenes
@@ -664,9 +666,7 @@ def _write_train_dir(folder, concept, rng):
     _write(folder / "info.json", {
         "class": concept.cls, "info": concept.description, "extra_info": concept.facts,
         "sprite": concept.sprite, "hat": concept.hat, "carry": list(concept.carry),
-        "corner": concept.corner} | ({"friend": {"token": concept.friend.token, "hat": concept.friend.hat,
-                                                 "carry": list(concept.friend.carry), "corner": concept.friend.corner}}
-                                     if concept.friend else {}))
+        "corner": concept.corner} | ({"friend": asdict(concept.friend)} if concept.friend else {}))
     conversations = {}
     for i in range(N_REFERENCE):
         image, qa = posed_scene(concept, rng, with_carry=rng.random() < 0.5)

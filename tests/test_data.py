@@ -100,7 +100,8 @@ def test_friend_facts_are_shuffled_among_the_concepts_own_and_all_differ():
     for c in [c for c in concepts if c.friend]:
         f = c.friend
         assert f.token != c.token and f.hat != c.hat and f.carry[0] != c.carry[0] and f.corner != c.corner
-        assert c.context.index(c.facts[0]) > len(c.description)  # every fact stated, own and friend's
+        stated = c.context[len(c.description) + 1:-2].split(" . ")  # every fact, own and friend's, once
+        assert sorted(stated) == sorted(c.facts + data._facts(f.token, f.hat, f.carry, f.corner))
     renamed = data.anonymize(data.make_world(5, 20, 4).train, 20, random.Random(0))
     assert all(c.friend is o.friend is None or (c.friend.token != c.token and c.friend.hat == o.friend.hat)
                for c, o in zip(renamed, data.make_world(5, 20, 4).train))

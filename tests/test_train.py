@@ -224,6 +224,22 @@ def test_reward_rises_on_a_trivial_task(base, monkeypatch):
     assert sum(last) / 5 > sum(first) / 5 + 0.2, (first, last)
 
 
+def test_rollout_plan_mode_u_draws_after_every_understanding_question():
+    """Mode u answers recognition, VQA and text-only questions, then draws the concept from the answer;
+    mode r draws the knowledge request itself; und draws nothing, gen answers nothing."""
+    world = data.make_world(3, 4, 1)
+    tasks = data.make_tasks(world, T.MIXES["both"], 10, seed=0, balanced=True)
+    assert sorted({t.kind for t in tasks}) == sorted(T.MIXES["both"])
+    for t in tasks:
+        text, gen = T.rollout_plan(t, "both")
+        assert text is t
+        if t.kind == "kgen":
+            assert gen is t
+        else:
+            assert gen.kind == "gen" and gen.concept == t.concept and gen.answer == t.answer and gen.target is not None
+        assert T.rollout_plan(t, "und") == (t, None) and T.rollout_plan(t, "gen") == (None, t)
+
+
 def test_update_scores_the_steps_with_the_most_surprisal():
     # step 0 commits near-certain tokens (no gradient), steps 1 and 3 the uncertain ones
     img = dict(step_of=torch.tensor([[0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 2, 3]]),
