@@ -94,7 +94,7 @@ def get_args(argv=None):
       "one of each recognition, VQA and text-only question and knowledge request)")
     a("--group", type=int, default=8, help="G: rollouts of the same prompt per group (int)")
     a("--mu", type=int, default=2, help="optimizer updates per rollout batch (int); >1 makes the PPO ratio move")
-    a("--rl-lr", type=float, default=2e-4, help="RL peak learning rate")
+    a("--rl-lr", type=float, default=3e-4, help="RL peak learning rate")
     a("--rl-warmup", type=int, default=5, help="RL warm-up optimizer updates (int)")
     a("--eps", type=float, default=0.2, help="clip epsilon (lower side, and upper unless --eps-high)")
     a("--eps-high", type=float, default=0.0, help="clip epsilon upper side (0 = same as --eps; DAPO uses 0.28)")
@@ -117,6 +117,7 @@ def get_args(argv=None):
     a("--w-text-loss", type=float, default=1.0, help="weight of the text-token loss (per-modality token mean)")
     a("--w-image-loss", type=float, default=1.0, help="weight of the image-token loss (per-modality token mean)")
     a("--temperature", type=float, default=1.0, help="rollout temperature, also used by the scorer")
+    a("--text-temperature", type=float, default=0.0, help="temperature of text rollouts and their scorer (0 = --temperature)")
     a("--rl-cfg", type=float, default=0.0, help="CFG weight of RL rollouts and of the loss (0 = no CFG in either; "
       "evaluation keeps --cfg)")
     a("--update-steps", type=int, default=2, help="MaskGIT steps scored per update: the k of T whose committed tokens were least certain (0 = all T)")
@@ -205,7 +206,7 @@ def check_args(p, args):
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     for k in ("lr", "rl_lr", "warmup", "rl_warmup", "weight_decay", "grad_clip", "eps", "eps_high", "beta",
-              "w_text_loss", "w_image_loss", "eval_temperature", "stop_after", "update_steps", "chunk", "dgs_preview",
+              "w_text_loss", "w_image_loss", "eval_temperature", "text_temperature", "stop_after", "update_steps", "chunk", "dgs_preview",
               "concept_tokens", "threads"):
         if getattr(args, k) < 0:
             p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
@@ -587,7 +588,7 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
     """n fresh rollouts of one prompt, images sampled up to MaskGIT step (or AR token) `stop`."""
     p = dict(text=None, toks=None, lp=None, mask=None, finished=[True] * n)
     if task is not None:
-        texts, toks, lp, valid = E.answer(model, tok, [data.understanding_prompt(tok, task)] * n, args.max_text, args.temperature, g)
+        texts, toks, lp, valid = E.answer(model, tok, [data.understanding_prompt(tok, task)] * n, args.max_text, text_temperature(args), g)
         p.update(text=texts, toks=toks, lp=lp, mask=valid, finished=(toks == tok.eor_id).any(1).tolist())
     if gen_task is None:
         return p
@@ -601,6 +602,12 @@ def sample_partials(model, tok, task, gen_task, n, args, g, stop):
 def rl_sampling(args):
     return argparse.Namespace(image_mode=args.image_mode, steps=args.steps, cfg=args.rl_cfg, maskgit_sampler=args.maskgit_sampler,
                               kv_reuse=args.kv_reuse)
+
+
+def text_temperature(args):
+    """The temperature of text rollouts and of their log-probs (one value, so the first ratio stays 1);
+    above 1 it spreads a group's answers, an exploration knob the embedded default leaves at 1."""
+    return args.text_temperature or args.temperature
 
 
 def image_temperature(args):
@@ -808,7 +815,7 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
     if batch.get("toks") is not None:
         toks, mask = batch["toks"].to(dev), batch["mask"].to(dev)
         h = M.answer_hidden(raw, batch["text_prompts"], toks, mask, tok.pad_id, trunk, args.kv_reuse)
-        lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=args.temperature, chunk=args.chunk)
+        lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=text_temperature(args), chunk=args.chunk)
         out["text"] = (lp, mask, ent)
     if batch.get("img") is not None:
         im, uncond = batch["img"], [data.uncond_prompt(tok)] * len(batch["gen_prompts"])

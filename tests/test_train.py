@@ -70,10 +70,10 @@ def rl_batch(base, *extra):
 
 @pytest.mark.parametrize("mix,sampler", [("both", "plain"), ("gen", "plain"), ("gen", "showo")])
 def test_ratio_is_one_at_first_inner_update(base, mix, sampler):
-    """Stored rollout log-probs == training log-probs: text, MaskGIT (at the commit step) or AR tokens;
-    Show-o's sampler draws from untempered logits, so its scorer must read them untempered too."""
+    """Stored rollout log-probs == training log-probs: text (at its own temperature), MaskGIT (at the commit
+    step) or AR tokens; Show-o's sampler draws from untempered logits, so its scorer must read them untempered too."""
     args, tok, policy, batch, _ = rl_batch(base, "--tasks", mix, "--rl-cfg", "1.5", "--temperature", "0.9",
-                                           "--maskgit-sampler", sampler)
+                                           "--text-temperature", "1.4", "--maskgit-sampler", sampler)
     policy.train()
     scored = T.score_batch(policy, policy, tok, batch, args, list(range(args.steps)))
     assert ("text" in scored) == (mix == "both") and "image" in scored
