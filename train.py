@@ -89,12 +89,12 @@ def get_args(argv=None):
       "`train.py --stage pretrain` makes with its defaults), pretrain = <out-dir>/pretrain (pretrained first if missing), "
       "or a checkpoint folder")
     a("--tasks", default="both", choices=list(MIXES), help="rollout mix: both (modes u and r), u, r, und (text only), gen (image only)")
-    a("--rl-iters", type=int, default=100, help="RL steps, one rollout batch each (int)")
+    a("--rl-iters", type=int, default=200, help="RL steps, one rollout batch each (int)")
     a("--rollouts", type=int, default=80, help="rollouts per RL step per rank (int, multiple of --group; 10 prompts x G 8 = "
       "one of each recognition, VQA and text-only question and knowledge request)")
     a("--group", type=int, default=8, help="G: rollouts of the same prompt per group (int)")
     a("--mu", type=int, default=2, help="optimizer updates per rollout batch (int); >1 makes the PPO ratio move")
-    a("--rl-lr", type=float, default=2e-4, help="RL peak learning rate")
+    a("--rl-lr", type=float, default=1e-4, help="RL peak learning rate")
     a("--rl-warmup", type=int, default=5, help="RL warm-up optimizer updates (int)")
     a("--eps", type=float, default=0.2, help="clip epsilon (lower side, and upper unless --eps-high)")
     a("--eps-high", type=float, default=0.0, help="clip epsilon upper side (0 = same as --eps; DAPO uses 0.28)")

@@ -276,7 +276,7 @@ def test_preset_sets_only_flags_not_given(folders):
     assert (args.reward_style, args.dgs_tau_rule) == ("released", "released")
     assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = T.get_args([])
-    assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 2e-4, 0.26, 0.0, False)
+    assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
     assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.log_ratio_clamp, plain.adv) == ("plain", "commit", "grpo", 0.0, "batchstd")
 
 
