@@ -103,6 +103,10 @@ def get_args(argv=None):
     a("--credit", default="causal", choices=["joint", "split", "causal"],
       help="which reward each segment's advantage comes from: joint (both: text+image reward), split (text: text reward, "
            "image: image reward), causal (text: text+image reward, image: image reward)")
+    a("--ptx", type=float, default=None, help="weight of a supervised replay term in the RL loss: the pretraining loss on "
+      "--ptx-batch fresh pretraining examples per update (InstructGPT's PPO-ptx; 0 = off, the paper's loss); "
+      "default 0.3 on the embedded world, 0 with --showo-dir (no pretraining mix to replay)")
+    a("--ptx-batch", type=int, default=16, help="pretraining examples per RL update for --ptx (int)")
     a("--null-adv", action="store_true", help="null run: shuffle advantages within each group (same compute, no learning signal)")
     a("--adv-bessel", action="store_true", help="advantage std with Bessel's correction (n-1, as TRL); default the population std (n)")
     a("--image-estimator", default="commit", choices=list(M.ESTIMATORS),
@@ -187,7 +191,7 @@ def check_args(p, args):
     """Every number flag's bounds, checked before any work: a bad value stops with p.error naming the
     flag; a legal value that makes the run learn nothing gets a warning."""
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
-              "rollouts", "group", "mu"):
+              "rollouts", "group", "mu", "ptx_batch"):
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if args.rollouts % args.group:
@@ -195,6 +199,10 @@ def check_args(p, args):
                 "each group is G rollouts of one prompt")
     if args.reward_style == "released" and not args.showo_dir:
         p.error("--reward-style released needs --showo-dir: its mode-r rule reads a UnifyBench concept's extra_info facts")
+    if args.ptx is None:
+        args.ptx = 0.0 if args.showo_dir else 0.3
+    if args.ptx and args.showo_dir:
+        p.error("--ptx replays the embedded world's pretraining mix; with --showo-dir there is none (use --ptx 0)")
     if args.adv_bessel and args.group < 2:
         p.error("--adv-bessel needs --group of 2 or more (Bessel's std of one reward is undefined)")
     if args.dgs and args.dgs_cap < args.group:
@@ -207,7 +215,7 @@ def check_args(p, args):
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     for k in ("lr", "rl_lr", "warmup", "rl_warmup", "weight_decay", "grad_clip", "eps", "eps_high", "beta",
               "w_text_loss", "w_image_loss", "eval_temperature", "text_temperature", "stop_after", "update_steps", "chunk", "dgs_preview",
-              "concept_tokens", "threads"):
+              "concept_tokens", "threads", "ptx"):
         if getattr(args, k) < 0:
             p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
     if not 0 <= args.p_uncond <= 1:
@@ -501,6 +509,16 @@ def collate(examples, pad_id, device):
     return ids, valid, tgts[0], tgts[1]
 
 
+def pretrain_batch(world, tok, rng, n, args, device):
+    """n supervised examples of the pretraining mix on fresh random concepts (belonging to no world)."""
+    # each concept needs its own identifier: a tiny world has fewer than n, and then concepts repeat
+    concepts = data.random_concepts(min(n, len(world.concepts)), len(world.concepts), rng)
+    tasks = data.make_tasks(concepts, PRETRAIN_KINDS, n, seed=rng.randrange(2**31))
+    # half the VQA questions become mode-u drawings: draw the concept from the answer just given
+    tasks = [data.draw_after_answer(t) if t.kind == "vqa" and rng.random() < 0.5 else t for t in tasks]
+    return collate([pretrain_example(tok, t, rng, args) for t in tasks], tok.pad_id, device)
+
+
 def pretrain_loss(model, raw, tok, batch):
     """Supervised loss: mean NLL of text targets + mean NLL of image targets (per-modality means)."""
     ids, valid, text_tgt, img_tgt = batch
@@ -532,12 +550,8 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     while step < args.iters:
         # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
         rng = random.Random(f"{args.seed}/{rank}/{step}")
-        concepts = data.random_concepts(args.batch, len(world.concepts), rng)
-        tasks = data.make_tasks(concepts, PRETRAIN_KINDS, args.batch, seed=rng.randrange(2**31))
-        # half the VQA questions become mode-u drawings: draw the concept from the answer just given
-        tasks = [data.draw_after_answer(t) if t.kind == "vqa" and rng.random() < 0.5 else t for t in tasks]
         raw.train()
-        loss, lt, li = pretrain_loss(model, raw, tok, collate([pretrain_example(tok, t, rng, args) for t in tasks], tok.pad_id, device))
+        loss, lt, li = pretrain_loss(model, raw, tok, pretrain_batch(world, tok, rng, args.batch, args, device))
         loss.backward()
         gnorm = clip_and_step(raw, opt, sched, args)
         step += 1
@@ -875,8 +889,9 @@ def advantages(batch, args, F, step):
     return A
 
 
-def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
-    """mu optimizer updates on one rollout batch; returns the logged statistics."""
+def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step, ptx=None):
+    """mu optimizer updates on one rollout batch (plus the supervised replay batch `ptx` under --ptx);
+    returns the logged statistics."""
     A = advantages(batch, args, F, step)
     A_text, A_img = A["text"], A["image"]
     keep = ~dgs.zero_variance_groups(batch["r_text"] + batch["r_img"]) if args.drop_zero_var else None
@@ -912,6 +927,10 @@ def rl_update(model, raw, ref, tok, batch, opt, sched, args, F, step):
                 if inner == 0:  # on-policy: pi == pi_old up to float noise, so this must be ~0
                     s[f"{key}_ratio_dev_first"] = (r - 1).abs().max()
                 pending.update({k: v.float() for k, v in s.items()})
+        if ptx is not None:  # PPO-ptx: the pretraining loss anchors what RL does not ask against its drift
+            l_ptx = pretrain_loss(model, raw, tok, ptx)[0]
+            loss = loss + args.ptx * l_ptx
+            pending["ptx_loss"] = l_ptx.detach().float()
         loss.backward()
         stats.update(grad_norm=clip_and_step(raw, opt, sched, args))
         pending["loss"] = loss.detach().float()
@@ -1010,8 +1029,9 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         for name, d in diagnostics(batch, rolls, args.group).items():
             row.update({f"r_{name}_{k}": v for k, v in d.items() if k != "groups"})
         t = time.time()
+        ptx = pretrain_batch(world, tok, random.Random(f"ptx/{args.seed}/{rank}/{step}"), args.ptx_batch, args, device) if args.ptx else None
         with amp(args, device):
-            row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step))
+            row.update(rl_update(model, policy, ref, tok, batch, opt, sched, args, F, step, ptx))
         row["t_update"] = time.time() - t
         step += 1
         for name, v in batch["comps"].items():

@@ -106,6 +106,9 @@ def test_bad_file_is_one_line_and_exit_1(run, tmp_path):
     (["--group", "1", "--rollouts", "4"], "--group must be at least 2"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--p-uncond", "1.5"], "--p-uncond is a share"),
+    (["--ptx=-0.3"], "--ptx must be 0 or more"),
+    (["--ptx-batch", "0"], "--ptx-batch must be positive"),
+    (["--ptx", "0.3", "--showo-dir", "somewhere"], "--ptx replays the embedded world's pretraining mix"),
 ])
 def test_number_flags_are_bounded(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -1,8 +1,10 @@
 """The training script end to end on a tiny world and model: checkpoints, ratio == 1 at the first inner
 update, compiled == eager formulas, resume == uninterrupted, DDP ranks identical, clear errors."""
+import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -258,6 +260,21 @@ def test_ratio_is_one_at_first_inner_update_for_every_advantage_mode(base, credi
     stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
     assert stats["text_ratio_dev_first"] < 1e-5 and stats["image_ratio_dev_first"] < 1e-5
 
+
+def test_ptx_adds_its_weighted_pretraining_loss_and_keeps_ratio_one(base):
+    """--ptx w: the update's loss is the RL loss + w x the pretraining loss of the replay batch, and the
+    replay term leaves pi_old alone (ratio 1 at the first inner update)."""
+    args, tok, policy, batch, _ = rl_batch(base, "--beta", "0", "--mu", "1", "--ptx", "0.5")
+    world, _ = T.world_and_tokenizer(args)
+    ptx = T.pretrain_batch(world, tok, random.Random(0), 4, args, "cpu")
+    twin = copy.deepcopy(policy)
+    expected = T.pretrain_loss(policy, policy, tok, ptx)[0].item()
+    with_ptx = T.rl_update(policy, policy, None, tok, batch, *T.rl_optimizer(policy, args), args, T.FORMULAS, 0, ptx)
+    without = T.rl_update(twin, twin, None, tok, batch, *T.rl_optimizer(twin, args), args, T.FORMULAS, 0)
+    assert with_ptx["ptx_loss"] == pytest.approx(expected, rel=1e-5)
+    assert with_ptx["loss"] - without["loss"] == pytest.approx(0.5 * expected, rel=1e-4)
+    assert with_ptx["text_ratio_dev_first"] < 1e-5 and with_ptx["image_ratio_dev_first"] < 1e-5
+    assert "ptx_loss" not in without
 
 def test_advantage_credit_modes_by_hand():
     # one group of G = 2: the text reward favours rollout 0, the image reward rollout 1 (twice as much)
