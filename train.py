@@ -1,6 +1,7 @@
 """
 Train nanosync's unified model: supervised base pretraining, Sync-GRPO, and held-out evaluation.
 
+  python train.py                                       # Sync-GRPO from the committed base/ (the main job, ~12 min on 2 CPU cores)
   python train.py --stage pretrain                      # base model on the embedded world (CPU, minutes)
   python train.py --stage eval --ckpt out/base          # held-out UnifyBench-style metrics
   torchrun --nproc_per_node=2 train.py --stage pretrain # DDP: gloo on CPU, NCCL on CUDA
