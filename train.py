@@ -521,14 +521,15 @@ def pretrain_batch(world, tok, rng, n, args, device):
 
 
 def pretrain_loss(model, raw, tok, batch):
-    """Supervised loss: mean NLL of text targets + mean NLL of image targets (per-modality means)."""
+    """Supervised loss: mean NLL of text targets + mean NLL of image targets (per-modality means), and
+    each mean detached for logging: tensors, not floats, so the RL update's replay term adds no host sync."""
     ids, valid, text_tgt, img_tgt = batch
     h = model(ids, valid)
     code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
     lp_t, _ = M.token_logprobs(raw, h, text_tgt, ids=tok.text_ids())
     lp_i, _ = M.token_logprobs(raw, h, img_tgt, ids=code_ids)
     lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
-    return lt + li, lt.item(), li.item()
+    return lt + li, lt.detach(), li.detach()
 
 
 def pretrain(args, rank=0, world_size=1, device="cpu"):
@@ -558,7 +559,7 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.iters:
-            log(dict(step=step, loss=loss.item(), loss_text=lt, loss_image=li, grad_norm=gnorm,
+            log(dict(step=step, loss=loss.item(), loss_text=lt.item(), loss_image=li.item(), grad_norm=gnorm,
                      lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 1)))
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):

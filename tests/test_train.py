@@ -275,6 +275,9 @@ def test_ptx_adds_its_weighted_pretraining_loss_and_keeps_ratio_one(base):
     assert with_ptx["loss"] - without["loss"] == pytest.approx(0.5 * expected, rel=1e-4)
     assert with_ptx["text_ratio_dev_first"] < 1e-5 and with_ptx["image_ratio_dev_first"] < 1e-5
     assert "ptx_loss" not in without
+    # the replay term is differentiated, not only added to the logged loss: the two updates differ
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), twin.parameters()))
+
 
 def test_advantage_credit_modes_by_hand():
     # one group of G = 2: the text reward favours rollout 0, the image reward rollout 1 (twice as much)
