@@ -20,7 +20,7 @@ the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean th
   step_backward_memory       peak memory of the MaskGIT scorer's backward, one step at a time / all at
                              once, every step scored (< 1 is smaller; time and gradient difference beside)
   rl_step_fast_vs_slow       --rl-step: one train.py RL step with --no-kv-reuse / with the fast paths
-  formulas_compiled_vs_eager train.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
+  formulas_compiled_vs_eager loss.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
   logprob_chunked_time       chunked / full-logits log-prob + loss, forward + backward (< 1 is faster)
   logprob_chunked_memory     peak memory of the same, chunked / full
 Every fast path is checked against its twin in the run (equal tokens/codes, log-probs within 1e-5).
@@ -41,9 +41,14 @@ from types import SimpleNamespace
 
 import torch
 
+import ckpt
 import data
 import dgs
+import flags
+import loss
 import model as M
+import pretrain
+import rollouts
 import train
 
 # dense bf16 FLOP/s and HBM bytes/s; the first name contained in torch.cuda.get_device_name() wins
@@ -166,11 +171,11 @@ def build(args, dev):
     """(model, tokenizer, image tokens) for the preset; random weights, no training."""
     torch.manual_seed(args.seed)
     if args.preset == "tiny":
-        targs = train.get_args([])  # train.py's defaults (4 layers, width 128, 4 heads, MaskGIT) unless overridden
+        targs = flags.get_args([])  # train.py's defaults (4 layers, width 128, 4 heads, MaskGIT) unless overridden
         targs.n_layer, targs.n_embd, targs.n_head = args.layers or 4, args.width or 128, args.heads or 4
-        # as train.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
+        # as pretrain.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
         tok = data.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
-        return train.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or data.N_IMG
+        return pretrain.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or data.N_IMG
     V, K = SHOWO["vocab"], SHOWO["codebook"]
     off, d = V - K - 1, args.width or SHOWO["width"]  # Show-o: text ids, then 8192 codes, then <mask>
     tok = SimpleNamespace(pad_id=0, bos_id=1, boi_id=3, eoi_id=4, bor_id=5, eor_id=6, mask_id=V - 1, image_offset=off,
@@ -219,8 +224,8 @@ def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.
 def full_vs_chunked_loss(head, h, tgt, adv, chunk):
     """train.py's loss arithmetic on token_logprobs; chunk = 0 materialises all [rows, vocab] logits."""
     lp, _ = M.token_logprobs(head, h, tgt, chunk=chunk)
-    obj, _ = train.ppo_clip(lp, lp.detach(), adv, 0.2, 0.2)
-    return train.segment_mean(obj, tgt >= 0)
+    obj, _ = loss.ppo_clip(lp, lp.detach(), adv, 0.2, 0.2)
+    return loss.segment_mean(obj, tgt >= 0)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -285,7 +290,7 @@ def bench_images(model, tok, n_img, args, dev, res):
     g = torch.Generator().manual_seed(args.seed + 1)
     cond = [p[:-1] + [tok.eor_id, tok.boi_id] for p in text_prompts(tok, args.prompts, args.prompt_len, g)]
     rows = [p for p in cond for _ in range(args.group)]
-    unc = [data.uncond_prompt(tok)] * len(rows)
+    unc = [tok.uncond_prompt()] * len(rows)
     gen, base = torch.Generator(dev).manual_seed(args.seed), reset_peak(dev)
     t, _, st = timed(lambda: M.sample_maskgit(model, rows, unc, n_img, args.steps, args.cfg, 1.0, gen), dev, args.reps)
     seq = args.prompt_len + 1 + n_img
@@ -306,16 +311,18 @@ def bench_images(model, tok, n_img, args, dev, res):
 def bench_update(model, tok, n_img, args, dev, text, img, res):
     """train.rl_update (mu = 1, no KL reference) on the rollout batch above: score forward, loss,
     backward, grad clip. SGD(lr=0) steps, so AdamW's state is not what is measured."""
-    targs = train.get_args(["--no-compile", "--mu", "1", "--beta", "0", "--group", str(args.group), "--rollouts",
+    targs = flags.get_args(["--no-compile", "--mu", "1", "--beta", "0", "--group", str(args.group), "--rollouts",
                             str(args.prompts * args.group), "--steps", str(args.steps), "--update-steps", str(args.update_steps),
                             "--rl-cfg", str(args.cfg)])
     P, G = args.prompts, args.group
-    batch = dict(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],
-                 img=img["state"], r_text=torch.rand(P, G), r_img=torch.rand(P, G))
+    batch = rollouts.Rollouts(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],
+                              img=img["state"], r_text=torch.rand(P, G), r_img=torch.rand(P, G))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     base = reset_peak(dev)
-    t, _, stats = timed(lambda: train.rl_update(model, model, None, tok, batch, opt, sched, targs, train.FORMULAS, 0), dev, args.reps)
+    step = lambda: train.rl_update(model, model, None, tok, batch, loss.advantages(batch, targs, loss.FORMULAS, 0), opt, sched,
+                                   targs, loss.FORMULAS)
+    t, _, stats = timed(step, dev, args.reps)
     model.eval()
     seq, k = args.prompt_len + 1 + n_img, args.update_steps
     tokens = P * G * (args.prompt_len + args.new_tokens + 2 * k * seq)
@@ -324,19 +331,19 @@ def bench_update(model, tok, n_img, args, dev, text, img, res):
                          **utilisation(dev, 3 * fwd_flops(model, tokens, seq), 0, t))
 
     def scored(steps_sel, **flags):
-        """train.score_batch forward + backward under flags: (log-probs, gradients), both fp32."""
+        """loss.score_batch forward + backward under flags: (log-probs, gradients), both fp32."""
         a = argparse.Namespace(**{**vars(targs), **flags})
 
         def run():
             model.zero_grad(set_to_none=True)
-            out = train.score_batch(model, model, tok, batch, a, steps_sel)
+            out = loss.score_batch(model, model, tok, batch, a, steps_sel)
             sum((lp * m).sum() / m.sum().clamp(min=1) for lp, m, _ in out.values()).backward()
             return [v[0].detach().float() for v in out.values()], [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
         return run
 
     def diff(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
-    sel = train.surprising_steps(batch["img"], args.steps, args.update_steps)
+    sel = loss.surprising_steps(batch.img, args.steps, args.update_steps)
     t_r, t_c, _, a, b = pair(scored(sel), scored(sel, kv_reuse=False), dev, args.reps)
     res["scorer_kv_reuse_vs_recompute"] = dict(reuse_s=t_r, recompute_s=t_c, ratio=t_c / t_r, max_lp_diff=diff(a[0], b[0]),
                                                max_grad_diff=diff(a[1], b[1]))
@@ -365,9 +372,9 @@ def bench_logprob(args, dev, res):
         def step():
             head.zero_grad(set_to_none=True)
             h = h0.clone().requires_grad_()
-            loss = full_vs_chunked_loss(head, h, tgt, adv, chunk)
-            loss.backward()
-            return loss.detach().float(), h.grad.float()
+            total = full_vs_chunked_loss(head, h, tgt, adv, chunk)
+            total.backward()
+            return total.detach().float(), h.grad.float()
         base = reset_peak(dev)
         t, _, o = timed(step, dev, args.reps)
         out[name] = dict(seconds=t, peak_delta_mb=peak_mb(dev) - base, result=o if dev.type != "cuda" else step())
@@ -379,7 +386,7 @@ def bench_logprob(args, dev, res):
 
 
 def bench_formulas(n_img, args, dev, res):
-    """train.compiled vs train.FORMULAS on one RL batch's shapes: advantages, clip, k3, segment mean, backward."""
+    """loss.compiled vs loss.FORMULAS on one RL batch's shapes: advantages, clip, k3, segment mean, backward."""
     g = torch.Generator().manual_seed(args.seed)
     P, G = args.prompts, args.group
     R, mask = torch.rand(P, G, generator=g).to(dev), (torch.rand(P * G, n_img, generator=g) > 0.2).to(dev)
@@ -390,11 +397,11 @@ def bench_formulas(n_img, args, dev, res):
         lp = lp0.clone().requires_grad_()
         A = F["advantages"](R, "std").flatten()[:, None]
         obj, _ = F["ppo_clip"](lp, old, A, 0.2, 0.28)
-        loss = F["segment_mean"](obj + 0.01 * F["k3_kl"](lp, ref), mask)
-        loss.backward()
-        return loss.detach(), lp.grad
-    comp = train.compiled(argparse.Namespace(compile=True))
-    t_e, _, a = timed(lambda: run(train.FORMULAS), dev, max(args.reps, 5))
+        total = F["segment_mean"](obj + 0.01 * F["k3_kl"](lp, ref), mask)
+        total.backward()
+        return total.detach(), lp.grad
+    comp = loss.compiled(argparse.Namespace(compile=True))
+    t_e, _, a = timed(lambda: run(loss.FORMULAS), dev, max(args.reps, 5))
     t_c, t_first, b = timed(lambda: run(comp), dev, max(args.reps, 5))
     res["formulas_compiled_vs_eager"] = dict(eager_ms=1e3 * t_e, compiled_ms=1e3 * t_c, ratio=t_e / t_c, compile_s=t_first - t_c,
                                              max_diff=max((a[0] - b[0]).abs().item(), (a[1] - b[1]).abs().max().item()))
@@ -405,17 +412,18 @@ def bench_rl_step(args, res):
     with the fast paths (train.py's defaults) and with --no-kv-reuse, from the same weights and seed."""
     out = {}
     for name, extra in (("fast", []), ("slow", ["--no-kv-reuse"])):  # fast first: it pays any first-call costs
-        targs = train.get_args(["--data-dir", args.data_dir, "--no-compile"] + extra)  # compile time is not a step's time
-        world, tok = train.world_and_tokenizer(targs)
+        targs = flags.get_args(["--data-dir", args.data_dir, "--no-compile"] + extra)  # compile time is not a step's time
+        world, tok = pretrain.world_and_tokenizer(targs)
         torch.manual_seed(args.seed)
-        policy = train.load_checkpoint(args.rl_base)[0] if args.rl_base else train.new_model(targs, tok)
+        policy = ckpt.load_checkpoint(args.rl_base)[0] if args.rl_base else pretrain.new_model(targs, tok)
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
         opt, sched = train.rl_optimizer(policy, targs)
         prof = torch.profiler.profile() if args.rl_profile and name == "fast" else contextlib.nullcontext()
         with prof:
-            batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
+            batch, _, row = rollouts.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
             t = time.perf_counter()
-            stats = train.rl_update(policy, policy, ref, tok, batch, opt, sched, targs, train.FORMULAS, 0)
+            A = loss.advantages(batch, targs, loss.FORMULAS, 0)
+            stats = train.rl_update(policy, policy, ref, tok, batch, A, opt, sched, targs, loss.FORMULAS)
             row["t_update"] = time.perf_counter() - t
         if args.rl_profile and name == "fast":
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rl_profile))

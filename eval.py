@@ -35,7 +35,7 @@ def answer(model, tok, prompts, max_new, temperature=0.0, generator=None):
 @torch.no_grad()
 def draw(model, tok, prompts, args, temperature, generator=None, stop=None, state=None):
     """Image codes for generation prompts (ending with <boi>), MaskGIT or AR, CFG rows batched."""
-    uncond, n = [data.uncond_prompt(tok)] * len(prompts), tok.n_image_tokens
+    uncond, n = [tok.uncond_prompt()] * len(prompts), tok.n_image_tokens
     if args.image_mode == "ar":
         return M.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
     return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
@@ -77,7 +77,7 @@ def evaluate(model, tok, tasks, args):
                 items[t.kind + "_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
     for chunk in batches(gen, max(1, args.eval_batch // k)):
         texts, sampled = greedy_and_sampled(model, tok, chunk, args)
-        draw_prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
+        draw_prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
         g = torch.Generator(device).manual_seed(0)
         codes = draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
         for i, (t, text) in enumerate(zip(chunk, texts)):
@@ -106,7 +106,7 @@ def summary(items):
 def greedy_and_sampled(model, tok, tasks, args):
     """Each task's greedy answer, and --eval-draws answers sampled at temperature 1 from a fixed seed
     (k per task, consecutive)."""
-    prompts = [data.understanding_prompt(tok, t) for t in tasks]
+    prompts = [tok.understanding_prompt(t) for t in tasks]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(1)
     sampled = answer(model, tok, [p for p in prompts for _ in range(args.eval_draws)], args.max_text, 1.0, g)[0]
     return answer(model, tok, prompts, args.max_text)[0], sampled

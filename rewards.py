@@ -312,9 +312,3 @@ def ensemble(rollouts, weights, ctx):
             total += weights[name] * vals
         parts[group] = total
     return parts["text"], parts["image"], comps
-
-
-def preview_score(gens, codes):
-    """The cheap DGS scorer on a preview: 0.65 identity + 0.35 alignment, the released CLIP mix
-    (0.65 image-to-reference + 0.35 image-to-prompt) with our exact analogues."""
-    return [0.65 * data.identity_score(g.concept, c) + 0.35 * data.alignment_graded(g, c) for g, c in zip(gens, codes)]

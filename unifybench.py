@@ -292,7 +292,7 @@ def evaluate(model, tok, bench, tasks, args):
 def greedy(model, tok, tasks, args):
     """Each task's greedy answer (a drawing request's: its reasoning), --eval-batch prompts at a time."""
     return [x for chunk in E.batches(tasks, args.eval_batch)
-            for x in E.answer(model, tok, [data.understanding_prompt(tok, t) for t in chunk], args.max_text)[0]]
+            for x in E.answer(model, tok, [tok.understanding_prompt(t) for t in chunk], args.max_text)[0]]
 
 
 def text_scores(task, text):
@@ -310,7 +310,7 @@ def drawing_scores(model, tok, bench, chunk, args):
     """{metric: each request's mean over its drawings} for (request, reasoning) pairs, each drawn
     --eval-draws times conditioned on its reasoning, by every scorer given."""
     k = args.eval_draws
-    prompts = [data.generation_prompt(tok, t.concept, t.question, tok.encode(x)) for t, x in chunk]
+    prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in chunk]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
     codes = E.draw(model, tok, [p for p in prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
     groups = [[rewards.Rollout(t, t, x, codes[i * k + j]) for j in range(k)] for i, (t, x) in enumerate(chunk)]

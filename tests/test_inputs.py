@@ -11,6 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ckpt
+import flags
+import pretrain
 import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,14 +23,14 @@ TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "
 
 
 def tiny_args(tmp, *extra):
-    return T.get_args(TINY + ["--data-dir", str(tmp / "world"), "--out-dir", str(tmp)] + list(extra))
+    return flags.get_args(TINY + ["--data-dir", str(tmp / "world"), "--out-dir", str(tmp)] + list(extra))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 4-step pretraining run with checkpoints at steps 2 and 4."""
     tmp = tmp_path_factory.mktemp("run")
-    T.pretrain(tiny_args(tmp, "--iters", "4", "--ckpt-every", "2", "--keep", "3"))
+    pretrain.pretrain(tiny_args(tmp, "--iters", "4", "--ckpt-every", "2", "--keep", "3"))
     return tmp
 
 
@@ -38,11 +41,11 @@ def steps_logged(path):
 def test_resumed_pretraining_logs_each_step_once(run, tmp_path):
     shutil.copytree(run, tmp_path, dirs_exist_ok=True)
     (tmp_path / "pretrain" / "latest").write_text("step_000002")  # killed after step 4's log, before its save
-    T.pretrain(tiny_args(tmp_path, "--stage", "pretrain", "--iters", "4", "--ckpt-every", "2", "--keep", "3", "--resume"))
+    pretrain.pretrain(tiny_args(tmp_path, "--stage", "pretrain", "--iters", "4", "--ckpt-every", "2", "--keep", "3", "--resume"))
     rows = [json.loads(line) for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["seconds"] >= rows[1]["seconds"]  # the clock carries on from the checkpoint
-    T.pretrain(tiny_args(tmp_path, "--iters", "2"))  # a fresh run starts a fresh log
+    pretrain.pretrain(tiny_args(tmp_path, "--iters", "2"))  # a fresh run starts a fresh log
     assert steps_logged(tmp_path / "pretrain" / "metrics.jsonl") == [1, 2]
 
 
@@ -68,24 +71,24 @@ def damage(folder, what):
 
 @pytest.mark.parametrize("what", ["safetensors_cut", "safetensors_garbled", "nan", "meta_cut", "meta_no_config", "state_cut"])
 def test_damaged_checkpoint_names_its_file(run, tmp_path, what):
-    ckpt = tmp_path / "pretrain" / "step_000004"
-    shutil.copytree(run / "pretrain" / "step_000004", ckpt)
+    folder = tmp_path / "pretrain" / "step_000004"
+    shutil.copytree(run / "pretrain" / "step_000004", folder)
     (tmp_path / "pretrain" / "latest").write_text("step_000004")
-    name = damage(ckpt, what)
-    with pytest.raises(T.BadInput, match=f"{name}: expected"):
-        T.load_checkpoint(str(ckpt))
-    with pytest.raises(T.BadInput, match=f"{name}: expected"):
-        T.pretrain(tiny_args(tmp_path, "--stage", "pretrain", "--iters", "6", "--data-dir", str(run / "world"), "--resume"))
+    name = damage(folder, what)
+    with pytest.raises(ckpt.BadInput, match=f"{name}: expected"):
+        ckpt.load_checkpoint(str(folder))
+    with pytest.raises(ckpt.BadInput, match=f"{name}: expected"):
+        pretrain.pretrain(tiny_args(tmp_path, "--stage", "pretrain", "--iters", "6", "--data-dir", str(run / "world"), "--resume"))
 
 
 def test_bad_file_is_one_line_and_exit_1(run, tmp_path):
-    ckpt = tmp_path / "step_000004"
-    shutil.copytree(run / "pretrain" / "step_000004", ckpt)
-    damage(ckpt, "meta_cut")
+    folder = tmp_path / "step_000004"
+    shutil.copytree(run / "pretrain" / "step_000004", folder)
+    damage(folder, "meta_cut")
     world = tmp_path / "world"
     shutil.copytree(run / "world", world)
     (world / "world.json").write_text('{"seed": 12')
-    for argv in (["--stage", "eval", "--ckpt", str(ckpt), "--data-dir", str(run / "world")],
+    for argv in (["--stage", "eval", "--ckpt", str(folder), "--data-dir", str(run / "world")],
                  ["--stage", "pretrain", "--data-dir", str(world), "--out-dir", str(tmp_path)]):
         p = subprocess.run([sys.executable, "train.py", *TINY, *argv], cwd=ROOT, capture_output=True, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
@@ -129,19 +132,19 @@ def test_resume_without_checkpoint_names_the_folder(tmp_path, capsys, stage):
 
 
 def test_stage_eval_keeps_one_result_per_world(run, tmp_path):
-    ckpt = run / "pretrain" / "step_000004"
+    folder = run / "pretrain" / "step_000004"
     other = tmp_path / "seven" / "world"  # the same folder name, another seed
-    T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(ckpt), "--data-dir", str(run / "world")))
-    T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(ckpt), "--data-dir", str(other), "--world-seed", "7"))
-    a, b = (json.loads((ckpt / f"eval_world-seed{s}.json").read_text()) for s in (1234, 7))
+    T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(folder), "--data-dir", str(run / "world")))
+    T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(folder), "--data-dir", str(other), "--world-seed", "7"))
+    a, b = (json.loads((folder / f"eval_world-seed{s}.json").read_text()) for s in (1234, 7))
     assert a["world"]["seed"] == 1234 and b["world"]["seed"] == 7
     assert a["world"]["data_dir"] == str(run / "world") and set(a["metrics"]) >= {"recognition", "identity"}
-    assert not (ckpt / "eval.json").exists()
+    assert not (folder / "eval.json").exists()
     shutil.copytree(other, tmp_path / "copy" / "world")  # same name and seed, another folder: refused
-    with pytest.raises(T.BadInput, match="another world"):
-        T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(ckpt), "--data-dir", str(tmp_path / "copy" / "world"),
+    with pytest.raises(ckpt.BadInput, match="another world"):
+        T.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(folder), "--data-dir", str(tmp_path / "copy" / "world"),
                              "--world-seed", "7"))
-    assert json.loads((ckpt / "eval_world-seed7.json").read_text()) == b
+    assert json.loads((folder / "eval_world-seed7.json").read_text()) == b
 
 
 def test_save_cleans_a_killed_save_and_keeps_normal_modes(tmp_path):
@@ -150,8 +153,8 @@ def test_save_cleans_a_killed_save_and_keeps_normal_modes(tmp_path):
     (run_dir / "latest.tmp4242").write_text("step_000001")
     (run_dir / "step_000001.tmp").mkdir()
     args = tiny_args(tmp_path)
-    model = T.new_model(args, T.world_and_tokenizer(args)[1])
-    final = T.save_checkpoint(str(run_dir), 2, model, {}, dict(x=torch.zeros(1)))
+    model = pretrain.new_model(args, pretrain.world_and_tokenizer(args)[1])
+    final = ckpt.save_checkpoint(str(run_dir), 2, model, {}, dict(x=torch.zeros(1)))
     assert sorted(os.listdir(run_dir)) == ["latest", "step_000002"]
     modes = {f: os.stat(os.path.join(final, f)).st_mode & 0o777 for f in os.listdir(final)}
     assert len(set(modes.values())) == 1, modes

@@ -113,7 +113,7 @@ def test_nan_or_raising_reward_stops_with_its_name(monkeypatch):
 
 def test_preview_score():
     gen = data.Task("gen", C, "draw <c0> in the top left", "", meta={"region": "top left", "pos": (1, 1)})
-    assert R.preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65)]
+    assert data.World([], [], 0).preview_score([gen, gen], [grid(), grid((5, 5))]) == [pytest.approx(1.0), pytest.approx(0.65)]
 
 
 def test_released_char_bleu_by_hand():

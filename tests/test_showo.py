@@ -18,11 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
+import ckpt
 import data
 import eval as E
+import flags
 import magvit
 import model as M
 import rewards as R
+import rollouts
 import showo
 import showo_fixture as F
 import train as T
@@ -214,11 +217,11 @@ def test_tokenizer_layout_concepts_and_prompts(folders):
     assert set(tok.text_ids().tolist()) == set(range(n)) | set(ids)
     c = U.Concept("<bo>", "dog", "a dog", ["<bo> likes the beach"], [], soft=["<bo_0>"])
     img = data.Task("vqa", c, "what colour is <bo> ?", "brown", image=torch.arange(16))
-    p = data.understanding_prompt(tok, img)
+    p = tok.understanding_prompt(img)
     assert p[:2] == [tok.mmu_id, tok.boi_id] and p[2:18] == list(range(n + 10, n + 26)) and p[18:20] == [tok.eoi_id, tok.bos_id]
-    g = data.generation_prompt(tok, c, "a photo of <bo>", [7])
+    g = tok.generation_prompt(c, "a photo of <bo>", [7])
     assert g[:2] == [tok.t2i_id, tok.bos_id] and g[-3:] == [7, tok.eos_id, tok.boi_id]
-    assert data.uncond_prompt(tok) == [tok.t2i_id, tok.bos_id, tok.eos_id, tok.boi_id]
+    assert tok.uncond_prompt() == [tok.t2i_id, tok.bos_id, tok.eos_id, tok.boi_id]
 
 
 def test_wrong_tokenizer_names_its_folder(tmp_path, folders):
@@ -269,13 +272,13 @@ TINY_RL = ["--rl-iters", "1", "--group", "3", "--rollouts", "6", "--steps", "4",
 
 
 def test_preset_sets_only_flags_not_given(folders):
-    args = T.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
+    args = flags.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
     assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
     assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.log_ratio_clamp, args.adv) == ("showo", "all", "sum", 10.0, "nostd")
     assert (args.reward_style, args.dgs_tau_rule) == ("released", "released")
-    assert args.bf16 and args.grad_ckpt and not T.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
-    plain = T.get_args([])
+    assert args.bf16 and args.grad_ckpt and not flags.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
+    plain = flags.get_args([])
     assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
     assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.log_ratio_clamp, plain.adv) == ("plain", "commit", "grpo", 0.0, "batchstd")
 
@@ -296,7 +299,7 @@ def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
         assert k in row, k
     assert "r_identity" not in row and row["text_ratio_dev_first"] < 1e-5 and row["image_ratio_dev_first"] < 1e-5
     assert (tmp_path / "rl" / "rollouts_000001.png").is_file()
-    saved, meta, _ = T.load_checkpoint(str(tmp_path / "rl"))
+    saved, meta, _ = ckpt.load_checkpoint(str(tmp_path / "rl"))
     assert meta["config"]["layout"] == "showo" and meta["config"]["vocab_size"] == base["embed_tokens.weight"].shape[0] + 6
     moved = policy.state_dict()
     assert not torch.equal(moved["layers.0.mlp.fc1.weight"], base["layers.0.mlp.fc1.weight"])  # everything trains
@@ -336,10 +339,10 @@ def test_missing_folders_and_keys_name_the_flag_or_file(tmp_path, folders):
 
 def test_bad_showo_flags_fail_clearly(folders, capsys):
     with pytest.raises(SystemExit):
-        T.get_args(["--preset", "showo"])
+        flags.get_args(["--preset", "showo"])
     assert "--preset showo needs --showo-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        T.get_args(["--showo-dir", folders["showo_dir"], "--w-identity", "0.3"])
+        flags.get_args(["--showo-dir", folders["showo_dir"], "--w-identity", "0.3"])
     assert "exact check of the embedded world" in capsys.readouterr().err
 
 
@@ -410,7 +413,7 @@ def test_eval_of_an_rl_checkpoint_writes_next_to_it_and_keeps_other_results(tmp_
     saved = json.loads((step / "eval_data.json").read_text())
     assert saved["checkpoint"] == str(step) and "clip_i" in saved["metrics"]
     (step / "eval_data.json").write_text(json.dumps({"world": {"data_dir": "/other/data"}}))
-    with pytest.raises(T.BadInput, match="holds the results of another world"):
+    with pytest.raises(ckpt.BadInput, match="holds the results of another world"):
         T.main(argv)
 
 
@@ -425,7 +428,7 @@ def test_malformed_test_file_names_it(tmp_path, folders, breakage, named):
     root = tmp_path / "data"
     shutil.copytree(folders["data_dir"], root)
     breakage(root)
-    with pytest.raises(T.BadInput, match=named):
+    with pytest.raises(ckpt.BadInput, match=named):
         T.main(F.flags(dict(folders, data_dir=str(root))) + TINY_EVAL + ["--out-dir", str(tmp_path)])
 
 
@@ -441,5 +444,5 @@ def test_first_sentence_cuts_mode_u_answer_before_drawing(monkeypatch, folders):
     drawn = []
     monkeypatch.setattr(T.E, "draw", lambda model, tok, prompts, *a, **k: drawn.append(prompts[0]))
     for flag, task, gen, kept in ((False, vqa, after, answer), (True, vqa, after, "brown ."), (True, kgen, kgen, answer)):
-        T.sample_partials(None, tok, task, gen, 1, T.get_args(["--first-sentence"] if flag else []), None, None)
+        rollouts.sample_partials(None, tok, task, gen, 1, flags.get_args(["--first-sentence"] if flag else []), None, None)
         assert drawn[-1][-2 - len(tok.encode(kept)):-2] == tok.encode(kept), (flag, task.kind)  # then <eos> <soi>

@@ -11,8 +11,13 @@ import sys
 import pytest
 import torch
 
+import ckpt
 import data
 import dgs
+import flags
+import loss
+import pretrain
+import rollouts
 import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +29,13 @@ RL = ["--rollouts", "8", "--group", "4", "--mu", "2", "--dgs", "1", "--dgs-cap",
 
 
 def tiny_args(tmp, *extra, image_mode="maskgit"):
-    return T.get_args(TINY + ["--data-dir", str(tmp / "world"), "--out-dir", str(tmp), "--image-mode", image_mode] + list(extra))
+    return flags.get_args(TINY + ["--data-dir", str(tmp / "world"), "--out-dir", str(tmp), "--image-mode", image_mode] + list(extra))
 
 
 @pytest.fixture(scope="module", params=["maskgit", "ar"])
 def base(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    T.pretrain(tiny_args(tmp, "--iters", "30", "--lr", "3e-3", image_mode=request.param))
+    pretrain.pretrain(tiny_args(tmp, "--iters", "30", "--lr", "3e-3", image_mode=request.param))
     return tmp
 
 
@@ -39,18 +44,18 @@ def test_pretrain_writes_checkpoint_metrics_and_samples(base):
     assert (run / "latest").read_text().startswith("step_")
     for f in ("metrics.jsonl", "samples.png", "eval.json"):
         assert (run / f).is_file()
-    model, meta, state = T.load_checkpoint(str(run))
-    again, _, _ = T.load_checkpoint(T.resolve_ckpt(str(run)))
+    model, meta, state = ckpt.load_checkpoint(str(run))
+    again, _, _ = ckpt.load_checkpoint(ckpt.resolve_ckpt(str(run)))
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     assert meta["step"] == 30 and state["opt"]["state"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(T.BadInput, match="nope"):
-        T.load_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(ckpt.BadInput, match="nope"):
+        ckpt.load_checkpoint(str(tmp_path / "nope"))
     args = tiny_args(tmp_path, "--base", str(tmp_path / "missing_base"))
-    with pytest.raises(T.BadInput, match="missing_base"):
+    with pytest.raises(ckpt.BadInput, match="missing_base"):
         T.rl(args)
 
 
@@ -62,11 +67,11 @@ def test_bad_flags_fail_clearly(tmp_path, capsys):
 
 def rl_batch(base, *extra):
     args = tiny_args(base, *RL, *extra)
-    world, tok = T.world_and_tokenizer(args)
-    policy, _, _ = T.load_checkpoint(str(base / "pretrain"))
+    world, tok = pretrain.world_and_tokenizer(args)
+    policy, _, _ = ckpt.load_checkpoint(str(base / "pretrain"))
     args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
     state = dgs.DGSState()
-    batch, rolls, _ = T.collect(policy, tok, world, args, 0, 0, state)
+    batch, rolls, _ = rollouts.collect(policy, tok, world, args, 0, 0, state)
     return args, tok, policy, batch, rolls
 
 
@@ -77,10 +82,10 @@ def test_ratio_is_one_at_first_inner_update(base, mix, sampler):
     args, tok, policy, batch, _ = rl_batch(base, "--tasks", mix, "--rl-cfg", "1.5", "--temperature", "0.9",
                                            "--text-temperature", "1.4", "--maskgit-sampler", sampler)
     policy.train()
-    scored = T.score_batch(policy, policy, tok, batch, args, list(range(args.steps)))
+    scored = loss.score_batch(policy, policy, tok, batch, args, list(range(args.steps)))
     assert ("text" in scored) == (mix == "both") and "image" in scored
     for key, (lp, mask, _) in scored.items():
-        old = T.old_logprobs(batch, key)
+        old = loss.old_logprobs(batch, key)
         assert mask.sum() > 0
         ratio = torch.exp(lp - old)[mask]
         assert (ratio - 1).abs().max() < 1e-5, key
@@ -90,15 +95,15 @@ def test_rollout_groups_share_their_prompt(base):
     args, _, _, batch, rolls = rl_batch(base)
     for i in range(0, len(rolls), args.group):
         assert len({id(r.task) for r in rolls[i:i + args.group]}) == 1
-    assert batch["r_text"].shape == (len(rolls) // args.group, args.group)
+    assert batch.r_text.shape == (len(rolls) // args.group, args.group)
 
 
 def test_compiled_formulas_equal_eager():
     torch.manual_seed(0)
     new, old, ref = torch.randn(6, 9) * 0.3, torch.randn(6, 9) * 0.3, torch.randn(6, 9) * 0.3
     adv, mask = torch.randn(6, 1), torch.rand(6, 9) > 0.3
-    eager = T.compiled(T.get_args(["--no-compile"]))
-    fast = T.compiled(T.get_args([]))
+    eager = loss.compiled(flags.get_args(["--no-compile"]))
+    fast = loss.compiled(flags.get_args([]))
     for F in (eager, fast):
         obj, ratio = F["ppo_clip"](new, old, adv, 0.2, 0.28)
         F["out"] = (obj, ratio, F["k3_kl"](new, ref), F["segment_mean"](obj, mask))
@@ -108,23 +113,23 @@ def test_compiled_formulas_equal_eager():
 
 def test_clipped_surrogate_and_kl_by_hand():
     new, old = torch.log(torch.tensor([[1.5, 0.5, 1.1]])), torch.zeros(1, 3)
-    obj, ratio = T.ppo_clip(new, old, torch.tensor([[1.0]]), 0.2, 0.2)
+    obj, ratio = loss.ppo_clip(new, old, torch.tensor([[1.0]]), 0.2, 0.2)
     assert torch.allclose(obj, -torch.tensor([[1.2, 0.5, 1.1]]))  # positive A: the upside is clipped
-    obj, _ = T.ppo_clip(new, old, torch.tensor([[-1.0]]), 0.2, 0.2)
+    obj, _ = loss.ppo_clip(new, old, torch.tensor([[-1.0]]), 0.2, 0.2)
     assert torch.allclose(obj, torch.tensor([[1.5, 0.8, 1.1]]))   # negative A: the downside is clipped
-    kl = T.k3_kl(torch.tensor([0.0, 0.0]), torch.log(torch.tensor([1.0, 2.0])))
+    kl = loss.k3_kl(torch.tensor([0.0, 0.0]), torch.log(torch.tensor([1.0, 2.0])))
     assert torch.allclose(kl, torch.tensor([0.0, 2 - torch.log(torch.tensor(2.0)) - 1]))
     x, m = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
-    assert T.segment_mean(x, m).item() == pytest.approx((2.0 + 4.0) / 2)
+    assert loss.segment_mean(x, m).item() == pytest.approx((2.0 + 4.0) / 2)
 
 
 def test_loss_aggregations_by_hand():
     """Per-token losses of two rollouts (3 and 1 scored tokens, width 3), aggregated as TRL's loss_type does."""
     x, m = torch.tensor([[1.0, 3.0, 2.0], [4.0, 7.0, 7.0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
     want = {"grpo": (2.0 + 4.0) / 2, "dapo": 10.0 / 4, "bnpo": 10.0 / 4, "dr_grpo": 10.0 / (2 * 3), "sum": (6.0 + 4.0) / 2}
-    assert set(want) == set(T.AGGREGATIONS)
+    assert set(want) == set(loss.AGGREGATIONS)
     for k, v in want.items():
-        assert T.AGGREGATIONS[k](x, m).item() == pytest.approx(v), k
+        assert loss.AGGREGATIONS[k](x, m).item() == pytest.approx(v), k
 
 
 def test_bessel_std_clamp_and_sequence_ratio_by_hand():
@@ -132,11 +137,11 @@ def test_bessel_std_clamp_and_sequence_ratio_by_hand():
     pop, bessel = dgs.group_advantages(R, "std", eps=0.0), dgs.group_advantages(R, "std", eps=0.0, correction=1)
     assert torch.allclose(pop / bessel, torch.full_like(R, (4 / 3) ** 0.5))  # population std is sqrt(G/(G-1)) smaller
     assert torch.allclose(bessel, (R - 1.5) / torch.tensor([0.0, 1, 2, 3]).std())
-    _, ratio = T.ppo_clip(torch.tensor([[20.0, -20.0, 0.5]]), torch.zeros(1, 3), torch.ones(1, 1), 0.2, 0.2, 10.0)
+    _, ratio = loss.ppo_clip(torch.tensor([[20.0, -20.0, 0.5]]), torch.zeros(1, 3), torch.ones(1, 1), 0.2, 0.2, 10.0)
     assert torch.allclose(ratio, torch.exp(torch.tensor([[10.0, -10.0, 0.5]])))  # log-ratio clamped to +-10
     new, old = torch.tensor([[0.3, -0.1, 9.0], [0.2, 0.0, 0.0]]), torch.tensor([[0.1, 0.1, 0.0], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
-    seq = T.sequence_log_ratio(new, old, mask)  # GSPO: the token mean of log-ratios, one per segment
+    seq = loss.sequence_log_ratio(new, old, mask)  # GSPO: the token mean of log-ratios, one per segment
     assert torch.allclose(seq, torch.tensor([[0.0] * 3, [0.2] * 3]), atol=1e-6)
 
 
@@ -155,14 +160,15 @@ def test_every_estimator_and_aggregation_trains_with_ratio_one_first(base, extra
     args, tok, policy, batch, _ = rl_batch(base, "--tasks", "both", "--rl-cfg", "1.5", *extra)
     opt, sched = T.rl_optimizer(policy, args)
     before = [p.detach().clone() for p in policy.parameters()]
-    stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+    A = loss.advantages(batch, args, loss.FORMULAS, 0)
+    stats = T.rl_update(policy, policy, None, tok, batch, A, opt, sched, args, loss.FORMULAS)
     assert stats["image_ratio_dev_first"] < 1e-5 and stats["text_ratio_dev_first"] < 1e-5
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
 def params(path):
-    model, meta, _ = T.load_checkpoint(str(path))
+    model, meta, _ = ckpt.load_checkpoint(str(path))
     return meta["step"], model.state_dict()
 
 
@@ -184,9 +190,9 @@ def test_resume_equals_uninterrupted_run(base, tmp_path):
 DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train as T
-args = T.get_args({argv!r})
-rank, world, device = T.setup_dist()
+import ckpt, flags, train as T
+args = flags.get_args({argv!r})
+rank, world, device = ckpt.setup_dist()
 policy = T.rl(args, rank, world, device)
 torch.save(policy.state_dict(), {out!r} + f"/rank{{rank}}.pt")
 dist.destroy_process_group()
@@ -204,7 +210,7 @@ def test_ddp_two_cpu_ranks_stay_identical(base, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                     str(script)], check=True, env=env, cwd=ROOT, timeout=300)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    base_sd = T.load_checkpoint(str(base / "pretrain"))[0].state_dict()
+    base_sd = ckpt.load_checkpoint(str(base / "pretrain"))[0].state_dict()
     assert any(not torch.equal(r0[k], base_sd[k]) for k in r0)  # training moved the weights
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
@@ -230,26 +236,26 @@ def test_rollout_plan_mode_u_draws_after_every_understanding_question():
     """Mode u answers recognition, VQA and text-only questions, then draws the concept from the answer;
     mode r draws the knowledge request itself; und draws nothing, gen answers nothing."""
     world = data.make_world(3, 4, 1)
-    tasks = data.make_tasks(world, T.MIXES["both"], 10, seed=0, balanced=True)
-    assert sorted({t.kind for t in tasks}) == sorted(T.MIXES["both"])
+    tasks = data.make_tasks(world, rollouts.MIXES["both"], 10, seed=0, balanced=True)
+    assert sorted({t.kind for t in tasks}) == sorted(rollouts.MIXES["both"])
     for t in tasks:
-        text, gen = T.rollout_plan(t, "both")
+        text, gen = rollouts.rollout_plan(t, "both")
         assert text is t
         if t.kind == "kgen":
             assert gen is t
         else:
             assert gen.kind == "gen" and gen.concept == t.concept and gen.answer == t.answer and gen.target is not None
-        assert T.rollout_plan(t, "und") == (t, None) and T.rollout_plan(t, "gen") == (None, t)
+        assert rollouts.rollout_plan(t, "und") == (t, None) and rollouts.rollout_plan(t, "gen") == (None, t)
 
 
 def test_update_scores_the_steps_with_the_most_surprisal():
     # step 0 commits near-certain tokens (no gradient), steps 1 and 3 the uncertain ones
     img = dict(step_of=torch.tensor([[0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 2, 3]]),
                logprobs=torch.tensor([[-0.01, -0.01, -2.0, -0.1, -1.0, -0.5], [-0.01, -0.5, -0.5, -0.2, -0.2, -3.0]]))
-    assert T.surprising_steps(img, 4, 2) == [1, 3]   # surprisal per step: 0.03, 3.0, 0.5, 4.5
-    assert T.surprising_steps(img, 4, 3) == [1, 2, 3]
-    assert T.surprising_steps(img, 4, 0) == [0, 1, 2, 3]
-    assert T.surprising_steps(None, 4, 2) == [0, 1, 2, 3]  # AR images have no steps
+    assert loss.surprising_steps(img, 4, 2) == [1, 3]   # surprisal per step: 0.03, 3.0, 0.5, 4.5
+    assert loss.surprising_steps(img, 4, 3) == [1, 2, 3]
+    assert loss.surprising_steps(img, 4, 0) == [0, 1, 2, 3]
+    assert loss.surprising_steps(None, 4, 2) == [0, 1, 2, 3]  # AR images have no steps
 
 
 @pytest.mark.parametrize("credit", ["joint", "split", "causal", "null"])
@@ -257,7 +263,8 @@ def test_ratio_is_one_at_first_inner_update_for_every_advantage_mode(base, credi
     mode = ["--null-adv"] if credit == "null" else ["--credit", credit]
     args, tok, policy, batch, _ = rl_batch(base, *mode, "--beta", "0")
     opt, sched = T.rl_optimizer(policy, args)
-    stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+    A = loss.advantages(batch, args, loss.FORMULAS, 0)
+    stats = T.rl_update(policy, policy, None, tok, batch, A, opt, sched, args, loss.FORMULAS)
     assert stats["text_ratio_dev_first"] < 1e-5 and stats["image_ratio_dev_first"] < 1e-5
 
 
@@ -265,12 +272,13 @@ def test_ptx_adds_its_weighted_pretraining_loss_and_keeps_ratio_one(base):
     """--ptx w: the update's loss is the RL loss + w x the pretraining loss of the replay batch, and the
     replay term leaves pi_old alone (ratio 1 at the first inner update)."""
     args, tok, policy, batch, _ = rl_batch(base, "--beta", "0", "--mu", "1", "--ptx", "0.5")
-    world, _ = T.world_and_tokenizer(args)
-    ptx = T.pretrain_batch(world, tok, random.Random(0), 4, args, "cpu")
+    world, _ = pretrain.world_and_tokenizer(args)
+    ptx = pretrain.pretrain_batch(world, tok, random.Random(0), 4, args, "cpu")
     twin = copy.deepcopy(policy)
-    expected = T.pretrain_loss(policy, policy, tok, ptx)[0].item()
-    with_ptx = T.rl_update(policy, policy, None, tok, batch, *T.rl_optimizer(policy, args), args, T.FORMULAS, 0, ptx)
-    without = T.rl_update(twin, twin, None, tok, batch, *T.rl_optimizer(twin, args), args, T.FORMULAS, 0)
+    expected = pretrain.pretrain_loss(policy, policy, tok, ptx)[0].item()
+    A = loss.advantages(batch, args, loss.FORMULAS, 0)
+    with_ptx = T.rl_update(policy, policy, None, tok, batch, A, *T.rl_optimizer(policy, args), args, loss.FORMULAS, ptx)
+    without = T.rl_update(twin, twin, None, tok, batch, A, *T.rl_optimizer(twin, args), args, loss.FORMULAS)
     assert with_ptx["ptx_loss"] == pytest.approx(expected, rel=1e-5)
     assert with_ptx["loss"] - without["loss"] == pytest.approx(0.5 * expected, rel=1e-4)
     assert with_ptx["text_ratio_dev_first"] < 1e-5 and with_ptx["image_ratio_dev_first"] < 1e-5
@@ -281,13 +289,13 @@ def test_ptx_adds_its_weighted_pretraining_loss_and_keeps_ratio_one(base):
 
 def test_advantage_credit_modes_by_hand():
     # one group of G = 2: the text reward favours rollout 0, the image reward rollout 1 (twice as much)
-    batch = {"r_text": torch.tensor([[1.0, 0.0]]), "r_img": torch.tensor([[0.0, 2.0]])}
+    batch = rollouts.Rollouts(r_text=torch.tensor([[1.0, 0.0]]), r_img=torch.tensor([[0.0, 2.0]]))
     sign = lambda credit: {k: torch.sign(v).flatten().tolist() for k, v in
-                           T.advantages(batch, T.get_args(["--credit", credit, "--adv", "nostd"]), T.FORMULAS, 0).items()}
+                           loss.advantages(batch, flags.get_args(["--credit", credit, "--adv", "nostd"]), loss.FORMULAS, 0).items()}
     assert sign("joint") == {"text": [-1, 1], "image": [-1, 1]}   # both by the total 1 vs 2
     assert sign("split") == {"text": [1, -1], "image": [-1, 1]}   # each by its own modality
     assert sign("causal") == {"text": [-1, 1], "image": [-1, 1]}  # text by the total, image by the image reward
-    A = T.advantages(batch, T.get_args(["--credit", "causal", "--adv", "nostd"]), T.FORMULAS, 0)
+    A = loss.advantages(batch, flags.get_args(["--credit", "causal", "--adv", "nostd"]), loss.FORMULAS, 0)
     assert A["image"].tolist() == [[-1.0, 1.0]] and A["text"].tolist() == [[-0.5, 0.5]]
 
 
@@ -299,7 +307,8 @@ def test_bf16_first_ratio_is_one_with_the_scorers_old_logprobs(base, old_lp):
                                            "--old-lp", old_lp, "--beta", "0")
     opt, sched = T.rl_optimizer(policy, args)
     with T.amp(args, "cpu"):
-        stats = T.rl_update(policy, policy, None, tok, batch, opt, sched, args, T.FORMULAS, 0)
+        A = loss.advantages(batch, args, loss.FORMULAS, 0)
+    stats = T.rl_update(policy, policy, None, tok, batch, A, opt, sched, args, loss.FORMULAS)
     dev = max(stats["text_ratio_dev_first"], stats["image_ratio_dev_first"])
     print(f"bf16 first-update ratio deviation, old-lp {old_lp}: {dev:.2e}")
     if old_lp == "auto":
@@ -308,17 +317,17 @@ def test_bf16_first_ratio_is_one_with_the_scorers_old_logprobs(base, old_lp):
 
 def test_cycle_reward_runs_without_autograd():
     world, tok = data.make_world(0, 8, 2), data.WordTokenizer(10)
-    model = T.new_model(T.get_args(TINY[:10]), tok)
+    model = pretrain.new_model(flags.get_args(TINY[:10]), tok)
     seen = []
     model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
-    ps = T.recognizer(model, tok)(world.concepts[:2], [torch.zeros(data.N_IMG, dtype=torch.long)] * 2)
+    ps = rollouts.recognizer(model, tok)(world.concepts[:2], [torch.zeros(data.N_IMG, dtype=torch.long)] * 2)
     assert seen == [False] and len(ps) == 2 and all(0 <= p <= 1 for p in ps)
 
 
 def test_committed_base_fits_the_default_world_and_flags():
     """The main job starts from base/: it must load and fit the default world's vocabulary and shape flags."""
-    model, meta, _ = T.load_checkpoint(T.COMMITTED_BASE)
-    args = T.get_args([])
+    model, meta, _ = ckpt.load_checkpoint(T.COMMITTED_BASE)
+    args = flags.get_args([])
     tok = data.WordTokenizer(args.n_train_concepts + args.n_test_concepts)
     assert model.cfg.vocab_size == tok.vocab_size and model.cfg.image_offset == tok.image_offset
     assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head) == (args.n_layer, args.n_embd, args.n_head)

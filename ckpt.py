@@ -1,0 +1,217 @@
+"""
+Run plumbing every stage shares: console lines, DDP setup, atomic checkpoints (weights, optimizer and
+scheduler, RNG) and their checked loading, the metrics log. No entry point: train.py and pretrain.py
+import it.
+
+A checkpoint is run_dir/step_XXXXXX/{model.safetensors, meta.json, state.pt} plus a `latest` file naming
+it; every file is written to a temporary name and renamed, so a kill at any moment leaves the previous
+checkpoint usable, and a damaged file is reported by name (BadInput) instead of a library traceback.
+"""
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+
+def say(rank, msg):
+    """One console line on what the job is doing, from the first process only."""
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def setup_dist():
+    """(rank, world_size, device). Single process unless launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return rank, dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+
+
+def all_sum(values, device):
+    """Sum of a few numbers over all ranks (themselves when not distributed)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class BadInput(Exception):
+    """A missing or damaged input file or folder; main prints its message (which names the file and what
+    was expected) as one line and exits 1. Anything else keeps its traceback: that is a bug."""
+
+
+def from_files(f, *a):
+    """f(*a) for data.py's readers of a world folder, whose errors on bad files name the file."""
+    try:
+        return f(*a)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(str(e)) from None
+
+
+def atomic_write(path, blob: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
+    """run_dir/step_XXXXXX/{model.safetensors, meta.json, state.pt}: written into a temp folder, renamed,
+    then `latest` is pointed at it; a crash at any moment leaves the previous checkpoint usable."""
+    name = f"step_{step:06d}"
+    tmp, final = os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, step=step, config=M.config_dict(model.cfg)), f, indent=1)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    shutil.copymode(os.path.join(tmp, "meta.json"), os.path.join(tmp, "model.safetensors"))  # save_file makes it 0600
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(os.path.join(run_dir, "latest"), name.encode())
+    old = sorted(d for d in os.listdir(run_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    for d in old[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    for d in os.listdir(run_dir):  # leftovers of a killed save (this save's own are renamed by now)
+        if d.startswith("latest.tmp"):
+            os.remove(os.path.join(run_dir, d))
+        elif d.startswith("step_") and d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    return final
+
+
+def resolve_ckpt(path):
+    if path and os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not path or not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise BadInput(f"checkpoint {path!r}: expected a folder with model.safetensors and meta.json "
+                       "(a step_XXXXXX folder) or a run folder with a `latest` file")
+    return path
+
+
+def has_ckpt(path):
+    try:
+        resolve_ckpt(path)
+        return True
+    except BadInput:
+        return False
+
+
+def read_checkpoint(path, need_state=False, load_state=True):
+    """(folder, meta, weights, state or None) of a checkpoint, every file checked: a damaged one is a
+    BadInput naming it, rather than a library error (or NaNs that crash the sampler much later).
+    load_state=False skips the optimizer state (twice the weights' size; evaluation needs none)."""
+    path = resolve_ckpt(path)
+    f = os.path.join(path, "meta.json")
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{f}: expected the checkpoint's metadata as JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("step"), int):
+        raise BadInput(f"{f}: expected a JSON object with 'step' and 'config' (the model's shape)")
+    f = os.path.join(path, "model.safetensors")
+    try:
+        weights = load_file(f)
+    except Exception as e:  # safetensors' own error type, whatever the damage
+        raise BadInput(f"{f}: expected a safetensors file of the model's weights ({e})") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BadInput(f"{f}: expected finite weights, but NaN or inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    f, state = os.path.join(path, "state.pt"), None
+    if load_state and os.path.isfile(f):
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated zip (RuntimeError), an empty file (EOFError), a pickle error...
+            raise BadInput(f"{f}: expected the optimizer state saved by torch.save "
+                           f"({type(e).__name__}: {str(e).split('. ')[0] or 'empty'})") from None
+    if need_state and not (isinstance(state, dict) and {"opt", "sched"} <= state.keys()):
+        raise BadInput(f"{f}: expected the optimizer and scheduler state (a dict with 'opt' and 'sched') to resume from")
+    return path, meta, weights, state
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # its message lists every mismatch, one per line after a header
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        raise BadInput(f"{os.path.join(path, 'model.safetensors')}: expected weights of this model's shape ({first})") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, meta, state or None) from a checkpoint folder or run folder."""
+    path, meta, weights, state = read_checkpoint(path)
+    try:
+        model = M.UnifiedModel(M.Config(**meta["config"]))
+    except TypeError as e:
+        raise BadInput(f"{path}/meta.json: 'config' is not a model configuration ({e})") from None
+    load_weights(model, weights, path)
+    return model.to(device), meta, state
+
+
+def restore(run_dir, model, opt, sched):
+    """Load a run's latest weights, optimizer and scheduler in place; returns (step, saved state)."""
+    path, meta, weights, state = read_checkpoint(run_dir, need_state=True)
+    load_weights(model, weights, path)  # into the live model: no second copy of the weights is built
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return meta["step"], state
+
+
+def rng_state():
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class JsonLog:
+    def __init__(self, path, enabled, upto=0):
+        """Rows of steps after `upto` are dropped first: a resumed run logs again the steps it redoes
+        since its checkpoint, and a fresh run (upto 0) starts a fresh file; each step appears once."""
+        self.f = None
+        if enabled:
+            kept = []
+            for line in open(path) if os.path.isfile(path) else []:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the last line, cut by a kill
+                    continue
+                if row.get("step", 0) <= upto:
+                    kept.append(line.rstrip("\n") + "\n")
+            atomic_write(path, "".join(kept).encode())
+            self.f = open(path, "a")
+
+    def __call__(self, row):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+
+def outputs(run_dir):
+    """The closing console line: what the run left in its folder."""
+    names = sorted(os.listdir(run_dir))
+    pngs = [n for n in names if n.startswith("rollouts_")]
+    names = [n for n in names if n not in pngs and n != "latest" and not n.startswith("step_")]
+    latest = resolve_ckpt(run_dir) if has_ckpt(run_dir) else None
+    return (f"outputs in {run_dir}: " + ", ".join(names + ([f"{len(pngs)} rollouts_*.png"] if pngs else []))
+            + (f"; latest checkpoint {os.path.basename(latest)}/" if latest else ""))
