@@ -20,6 +20,7 @@ import eval as E
 import model as M
 from ckpt import JsonLog, atomic_write, from_files, outputs, restore, save_checkpoint, say
 from rollouts import held_out_eval
+import worldio
 
 
 # Pretraining draws a task kind uniformly from this list, so recognition comes twice as often as the rest:
@@ -30,7 +31,7 @@ PRETRAIN_KINDS = ["recognition", "recognition", "vqa", "textqa", "gen", "kgen"]
 
 def world_and_tokenizer(args, rank=0):
     made = os.path.isfile(os.path.join(args.data_dir, "world.json"))
-    world = from_files(data.ensure_world, args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
+    world = from_files(worldio.ensure_world, args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
     say(rank, f"world: {'read' if made else 'wrote the embedded world to'} {args.data_dir} (seed {world.seed}, "
               f"{len(world.train)} training and {len(world.test)} held-out concepts)")
     return world, data.WordTokenizer(len(world.concepts))
@@ -139,7 +140,7 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     say(rank, f"pretraining the base: {args.iters} steps{f' from step {step}' if step else ''} -> {run_dir}")
     model = DDP(raw) if world_size > 1 else raw
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0, step)
-    held_out = from_files(data.load_tasks, args.data_dir, "test")
+    held_out = from_files(worldio.load_tasks, args.data_dir, "test")
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="pretrain")
     t0 = time.time() - seconds  # `seconds` counts the training time of the steps logged, across resumes
     while step < args.iters:
@@ -176,4 +177,4 @@ def save_samples(path, model, tok, tasks, args):
     prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(tasks, texts)]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
     codes = E.draw(model, tok, prompts, args, args.eval_temperature, g)["codes"]
-    data.save_grid(path, [data.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])
+    worldio.save_grid(path, [data.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])

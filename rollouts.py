@@ -145,16 +145,24 @@ def pad_cat(ts):
 
 
 def sample_group(model, tok, task, mix, args, g, dgs_state, world: World):
-    """G rollouts of one prompt; with DGS, previews below tau are dropped and resampled (dgs.py)."""
+    """G rollouts of one prompt; with DGS, previews below tau are dropped and resampled (dgs.dgs_group)."""
     text_task, gen_task = rollout_plan(task, mix, world.draw_after_answer)
-    finish_img = lambda p: replace(p, img=E.draw(model, tok, p.gen_prompts, rl_sampling(args), args.temperature, g, state=p.img))
     if gen_task is None or not args.dgs:
-        p = sample_partials(model, tok, text_task, gen_task, args.group, args, g, None)
-        return p, text_task, gen_task, None
-    preview = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * data.GRID
-    start = lambda n: [rows(q, [i]) for q in [sample_partials(model, tok, text_task, gen_task, n, args, g, preview)] for i in range(n)]
-    score = lambda ps: world.preview_score([gen_task] * len(ps), [q.img["pred"][0] for q in ps])
-    finish = lambda ps: (lambda p: [rows(p, [i]) for i in range(len(ps))])(finish_img(cat_rows(ps)))
+        return sample_partials(model, tok, text_task, gen_task, args.group, args, g, None), text_task, gen_task, None
+    preview_step = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * data.GRID
+
+    def start(n):  # n fresh rollouts drawn up to the preview step, one Rollouts row each
+        p = sample_partials(model, tok, text_task, gen_task, n, args, g, preview_step)
+        return [rows(p, [i]) for i in range(n)]
+
+    def score(partials):  # the world's cheap score of each preview
+        return world.preview_score([gen_task] * len(partials), [q.img["pred"][0] for q in partials])
+
+    def finish(partials):  # the kept previews drawn to the end, as one batch
+        p = cat_rows(partials)
+        p = replace(p, img=E.draw(model, tok, p.gen_prompts, rl_sampling(args), args.temperature, g, state=p.img))
+        return [rows(p, [i]) for i in range(len(partials))]
+
     done, stats = dgs.dgs_group(start, score, finish, args.group, args.dgs_cap, dgs_state, args.dgs_batch)
     return cat_rows(done), text_task, gen_task, stats
 

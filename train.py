@@ -24,7 +24,6 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data
 import dgs
 import eval as E
 import rewards
@@ -36,6 +35,7 @@ from flags import get_args
 from loss import advantages, batch_token_mean, compiled, old_logprobs, rescored_old, score_batch, surprising_steps
 from pretrain import clip_and_step, make_optimizer, pretrain, pretrain_batch, pretrain_loss, world_and_tokenizer
 from rollouts import base_diagnostics, collect, diagnostics, diagnostics_table, held_out_eval
+import worldio
 
 
 # The base the main job starts from: `python train.py --stage pretrain` with the default flags writes the
@@ -154,7 +154,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
     run_dir = os.path.join(args.out_dir, "rl")
     os.makedirs(run_dir, exist_ok=True)
-    held_out = None if args.showo_dir else from_files(data.load_tasks, args.data_dir, "test")  # metrics need the exact world
+    held_out = None if args.showo_dir else from_files(worldio.load_tasks, args.data_dir, "test")  # metrics need the exact world
     if args.resume:
         step, state = restore(run_dir, policy, opt, sched)
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
@@ -244,7 +244,7 @@ def save_rollouts(path, rolls, R, G, codec, n_groups=4):
         pair.paste(drawn, (drawn.width + 2, 0))
         images.append(pair)
     captions = [f"R {R[i]:.2f} | {rolls[i].task.question} | {rolls[i].text or ''}" for i in picked]
-    data.save_grid(path, images, captions, cols=4)
+    worldio.save_grid(path, images, captions, cols=4)
 
 
 def plot_rewards(path, rows):
@@ -272,7 +272,7 @@ def run_eval(args):
                  test_concepts=len(world.test))
     out = os.path.join(resolve_ckpt(args.ckpt), f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
     check_eval_file(out, where)
-    held_out = from_files(data.load_tasks, args.data_dir, "test")
+    held_out = from_files(worldio.load_tasks, args.data_dir, "test")
     say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(held_out)} held-out tasks")
     res = held_out_eval(model, tok, world, held_out, args)
     write_eval(out, where, resolve_ckpt(args.ckpt), res, f"held-out concepts of {args.data_dir} (seed {world.seed})")

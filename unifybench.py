@@ -31,6 +31,7 @@ from PIL import Image
 import data
 import eval as E
 import rewards
+import worldio
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 DRAW = "a photo of {tok}"  # mode u's drawing request after the answer
@@ -60,7 +61,7 @@ class Concept:
         return text.replace(self.token, f"a {self.cls}")
 
 
-_read = data._read_json  # errors name the file and the missing key
+_read = worldio._read_json  # errors name the file and the missing key
 
 
 def _check_image(path):

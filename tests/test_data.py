@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from data import (CODEBOOK, GRID, KINDS, Concept, Task, WordTokenizer, code_of,  # noqa: E402
                   encode_image, find_sprite, identity_score, render)
+import worldio  # noqa: E402
 
 RED_CIRCLE, BLUE_SQUARE = code_of("red", "circle"), code_of("blue", "square")
 GREEN_CROSS, YELLOW_TRIANGLE = code_of("green", "cross"), code_of("yellow", "triangle")
@@ -42,7 +43,7 @@ def kgen(fact, concept=C7):
 def small_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     world = data.make_world(seed=3, n_train=4, n_test=2)
-    data.write_world(world, root)
+    worldio.write_world(world, root)
     return world, root
 
 
@@ -313,7 +314,7 @@ def assert_consistent(task):
 
 def test_write_load_round_trip(small_world):
     world, root = small_world
-    assert data.load_world(root) == world
+    assert worldio.load_world(root) == world
     info = json.loads((root / "concept/train/c0/info.json").read_text())
     assert info["info"] == world.train[0].description
     assert info["extra_info"] == world.train[0].facts
@@ -322,7 +323,7 @@ def test_write_load_round_trip(small_world):
     assert json.loads((root / "world.json").read_text()) == {
         "seed": 3, "train": ["c0", "c1", "c2", "c3"], "test": ["c4", "c5"]}
     for split, concepts in (("train", world.train), ("test", world.test)):
-        tasks = data.load_tasks(root, split)
+        tasks = worldio.load_tasks(root, split)
         assert {t.kind for t in tasks} == set(KINDS)
         assert {t.concept.token for t in tasks} == {c.token for c in concepts}
         assert {t.meta["source"] for t in tasks} == {
@@ -335,7 +336,7 @@ def test_write_load_round_trip(small_world):
 
 def test_write_world_is_deterministic(small_world, tmp_path):
     world, root = small_world
-    data.write_world(world, tmp_path)
+    worldio.write_world(world, tmp_path)
     for path in sorted(root.rglob("*")):
         if path.is_file():
             assert path.read_bytes() == (tmp_path / path.relative_to(root)).read_bytes(), path
@@ -345,7 +346,7 @@ def test_write_world_is_deterministic(small_world, tmp_path):
 def test_missing_info_json_names_the_path(world_copy):
     (world_copy / "concept/train/c1/info.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"c1[/\\]info\.json"):
-        data.load_world(world_copy)
+        worldio.load_world(world_copy)
 
 
 def test_info_json_missing_key_names_file_and_key(world_copy):
@@ -354,7 +355,7 @@ def test_info_json_missing_key_names_file_and_key(world_copy):
     del info["extra_info"]
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"c2[/\\]info\.json: missing key 'extra_info'"):
-        data.load_world(world_copy)
+        worldio.load_world(world_copy)
 
 
 def test_malformed_or_inconsistent_info_json(world_copy):
@@ -362,39 +363,39 @@ def test_malformed_or_inconsistent_info_json(world_copy):
     good = path.read_text()
     path.write_text(good[:-10])
     with pytest.raises(ValueError, match=r"c0[/\\]info\.json: malformed JSON"):
-        data.load_world(world_copy)
+        worldio.load_world(world_copy)
     info = json.loads(good)
     info["hat"] = "blue" if info["hat"] != "blue" else "red"
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"info\.json: 'info'/'extra_info' disagree"):
-        data.load_world(world_copy)
+        worldio.load_world(world_copy)
     info = json.loads(good)
     info["friend"] = {"token": "<c1>", "hat": "red", "carry": ["red"], "corner": "top left"}
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"c0[/\\]info\.json: invalid 'friend'"):
-        data.load_world(world_copy)
+        worldio.load_world(world_copy)
 
 
 def test_bad_task_files_name_the_file(world_copy):
     Image.new("RGB", (48, 64)).save(world_copy / "concept/train/c0/2.png")
     with pytest.raises(ValueError, match=r"c0[/\\]2\.png: image is 48x64, expected 64x64"):
-        data.load_tasks(world_copy, "train")
+        worldio.load_tasks(world_copy, "train")
     path = world_copy / "concept/test/c4/text_only.json"
     path.write_text(json.dumps([{"question": "how old is <c4> ?", "answer": "two"}]))
     with pytest.raises(ValueError, match=r"text_only\.json: 'how old is <c4> \?'"):
-        data.load_tasks(world_copy, "test")
+        worldio.load_tasks(world_copy, "test")
     with pytest.raises(ValueError, match="split"):
-        data.load_tasks(world_copy, "val")
+        worldio.load_tasks(world_copy, "val")
 
 
 def test_ensure_world_writes_once_then_loads(tmp_path):
-    world = data.ensure_world(tmp_path, seed=9, n_train=2, n_test=1)
+    world = worldio.ensure_world(tmp_path, seed=9, n_train=2, n_test=1)
     assert world == data.make_world(9, 2, 1)
     stamp = (tmp_path / "world.json").stat().st_mtime_ns
-    assert data.ensure_world(tmp_path, seed=9) == world
+    assert worldio.ensure_world(tmp_path, seed=9) == world
     assert (tmp_path / "world.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="seed 9"):
-        data.ensure_world(tmp_path, seed=10)
+        worldio.ensure_world(tmp_path, seed=10)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -428,7 +429,7 @@ def test_tokenizer_round_trips_every_text(small_world):
     world, root = small_world
     full = data.make_world(0)
     tok = WordTokenizer(len(full.concepts))
-    tasks = data.make_tasks(full.concepts, KINDS, 400, seed=2) + data.load_tasks(root, "test")
+    tasks = data.make_tasks(full.concepts, KINDS, 400, seed=2) + worldio.load_tasks(root, "test")
     texts = [c.context for c in full.concepts] + [s for t in tasks for s in (t.question, t.answer)]
     for text in texts:
         ids = tok.encode(text)
