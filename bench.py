@@ -67,7 +67,7 @@ def get_args(argv=None):
     a("--prompts", type=int, default=0, help="prompts per rollout batch (0 = preset's: 4 tiny, as train.py; 1 showo)")
     a("--prompt-len", type=int, default=64, help="tokens per random prompt (int)")
     a("--new-tokens", type=int, default=64, help="text tokens decoded per row (int)")
-    a("--steps", type=int, default=0, help="MaskGIT steps T (0 = preset's: 8 tiny, 16 showo)")
+    a("--maskgit-steps", dest="steps", type=int, default=0, help="MaskGIT steps T (0 = preset's: 8 tiny, 16 showo)")
     a("--cfg", type=float, default=1.0, help="CFG weight w of image rollouts (> 0: cond and uncond rows)")
     a("--update-steps", type=int, default=0, help="MaskGIT steps scored per update (0 = preset's: 2 tiny as train.py, 1 showo)")
     a("--layers", type=int, default=0, help="override the preset's transformer blocks (0 = preset's)")
@@ -312,7 +312,7 @@ def bench_update(model, tok, n_img, args, dev, text, img, res):
     """train.rl_update (mu = 1, no KL reference) on the rollout batch above: score forward, loss,
     backward, grad clip. SGD(lr=0) steps, so AdamW's state is not what is measured."""
     targs = flags.get_args(["--no-compile", "--mu", "1", "--beta", "0", "--group", str(args.group), "--rollouts",
-                            str(args.prompts * args.group), "--steps", str(args.steps), "--update-steps", str(args.update_steps),
+                            str(args.prompts * args.group), "--maskgit-steps", str(args.steps), "--update-steps", str(args.update_steps),
                             "--rl-cfg", str(args.cfg)])
     P, G = args.prompts, args.group
     batch = rollouts.Rollouts(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],

@@ -34,7 +34,7 @@ def get_args(argv=None):
     a("--n-head", type=int, default=4, help="attention heads (int)")
     a("--image-mode", default="maskgit", choices=["maskgit", "ar"], help="image generation: Show-o MaskGIT or Janus-style AR")
     # pretraining
-    a("--steps", type=int, default=8, help="MaskGIT sampling steps T (int)")
+    a("--maskgit-steps", dest="steps", type=int, default=8, help="MaskGIT sampling steps T (int)")
     a("--cfg", type=float, default=1.0, help="classifier-free guidance weight w: (1+w)*cond - w*uncond")
     a("--maskgit-sampler", default="plain", choices=["plain", "showo"],
       help="plain = tempered logits, confidence log p, float64 cosine counts; showo = Show-o's t2i_generate step "
@@ -157,10 +157,11 @@ def get_args(argv=None):
 def check_args(p, args):
     """Every number flag's bounds, checked before any work: a bad value stops with p.error naming the
     flag; a legal value that makes the run learn nothing gets a warning."""
+    flag = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     for k in ("iters", "batch", "steps", "n_layer", "n_embd", "n_head", "eval_batch", "max_text", "rl_iters",
               "rollouts", "group", "mu", "ptx_batch"):
         if getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+            p.error(f"{flag[k]} must be positive, got {getattr(args, k)}")
     if args.rollouts % args.group:
         p.error(f"--rollouts ({args.rollouts}) must be a multiple of --group ({args.group}): "
                 "each group is G rollouts of one prompt")
@@ -179,12 +180,12 @@ def check_args(p, args):
     # a zero here would divide by zero after a full step of work
     for k in ("log_every", "ckpt_every", "sample_every", "keep", "n_train_concepts", "n_test_concepts", "dgs_batch"):
         if getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+            p.error(f"{flag[k]} must be positive, got {getattr(args, k)}")
     for k in ("lr", "rl_lr", "warmup", "rl_warmup", "weight_decay", "grad_clip", "eps", "eps_high", "beta",
               "w_text_loss", "w_image_loss", "eval_temperature", "text_temperature", "stop_after", "update_steps", "chunk", "dgs_preview",
               "concept_tokens", "threads", "ptx"):
         if getattr(args, k) < 0:
-            p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+            p.error(f"{flag[k]} must be 0 or more, got {getattr(args, k)}")
     if not 0 <= args.p_uncond <= 1:
         p.error(f"--p-uncond is a share of examples, in [0, 1]; got {args.p_uncond}")
     if not 0 < args.dgs_target <= 1:

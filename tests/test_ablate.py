@@ -13,7 +13,7 @@ from eval import METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--batch", "8", "--warmup", "2", "--steps", "4", "--max-text", "8", "--mu", "1", "--rl-warmup", "1",
+        "--batch", "8", "--warmup", "2", "--maskgit-steps", "4", "--max-text", "8", "--mu", "1", "--rl-warmup", "1",
         "--dgs-cap", "8", "--dgs-batch", "4", "--sample-every", "1000", "--eval-draws", "1", "--eval-reward-prompts", "2"]
 
 

@@ -83,7 +83,7 @@ def test_chunked_logprob_loss_equals_full_with_gradients():
 
 def test_bench_runs_end_to_end_and_writes_every_ratio(tmp_path):
     path = tmp_path / "sub" / "bench.json"
-    bench.main(SMALL + ["--group", "2", "--prompts", "2", "--new-tokens", "4", "--prompt-len", "6", "--steps", "2",
+    bench.main(SMALL + ["--group", "2", "--prompts", "2", "--new-tokens", "4", "--prompt-len", "6", "--maskgit-steps", "2",
                         "--lp-vocab", "500", "--lp-tokens", "16", "--lp-batch", "2", "--lp-width", "8", "--chunk", "8",
                         "--reps", "1", "--compile", "0", "--out", str(path)])
     res = json.loads(path.read_text())

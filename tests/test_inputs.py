@@ -18,7 +18,7 @@ import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--batch", "8", "--warmup", "2", "--steps", "4", "--eval-batch", "64", "--max-text", "8", "--log-every", "1",
+        "--batch", "8", "--warmup", "2", "--maskgit-steps", "4", "--eval-batch", "64", "--max-text", "8", "--log-every", "1",
         "--base", "pretrain", "--eval-draws", "1", "--eval-reward-prompts", "2"]
 
 
@@ -99,6 +99,7 @@ def test_bad_file_is_one_line_and_exit_1(run, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt-every", "0"], "--ckpt-every must be positive"),
+    (["--maskgit-steps", "0"], "--maskgit-steps must be positive"),
     (["--sample-every", "0"], "--sample-every must be positive"),
     (["--log-every", "0"], "--log-every must be positive"),
     (["--keep", "0"], "--keep must be positive"),

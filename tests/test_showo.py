@@ -267,7 +267,7 @@ def test_judge_hook_loads_by_name():
 
 # ----------------------------------------------------------------------------- train.py end to end
 
-TINY_RL = ["--rl-iters", "1", "--group", "3", "--rollouts", "6", "--steps", "4", "--dgs-preview", "2", "--dgs-cap", "6",
+TINY_RL = ["--rl-iters", "1", "--group", "3", "--rollouts", "6", "--maskgit-steps", "4", "--dgs-preview", "2", "--dgs-cap", "6",
            "--dgs-batch", "3", "--max-text", "6", "--no-compile", "--concept-tokens", "2", "--chunk", "0", "--ckpt-every", "1"]
 
 
@@ -348,7 +348,7 @@ def test_bad_showo_flags_fail_clearly(folders, capsys):
 
 # ----------------------------------------------------------------------------- evaluation on the test split
 
-TINY_EVAL = ["--stage", "eval", "--steps", "2", "--eval-draws", "2", "--max-text", "4"]
+TINY_EVAL = ["--stage", "eval", "--maskgit-steps", "2", "--eval-draws", "2", "--max-text", "4"]
 
 
 def test_recognition_items_of_the_released_test_files(folders):

@@ -22,7 +22,7 @@ import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--batch", "8", "--warmup", "2", "--steps", "4", "--eval-batch", "64", "--max-text", "8", "--log-every", "1",
+        "--batch", "8", "--warmup", "2", "--maskgit-steps", "4", "--eval-batch", "64", "--max-text", "8", "--log-every", "1",
         "--base", "pretrain", "--eval-draws", "1", "--eval-reward-prompts", "2"]
 RL = ["--rollouts", "8", "--group", "4", "--mu", "2", "--dgs", "1", "--dgs-cap", "8", "--dgs-batch", "4", "--no-compile",
       "--rl-warmup", "1", "--sample-every", "1000", "--update-steps", "2"]
