@@ -49,6 +49,7 @@ import loss
 import model as M
 import pretrain
 import rollouts
+import sampling as S
 import train
 
 # dense bf16 FLOP/s and HBM bytes/s; the first name contained in torch.cuda.get_device_name() wins
@@ -196,15 +197,15 @@ def text_prompts(tok, n, length, g):
 
 @torch.no_grad()
 def naive_decode(model, prompts, max_new, allowed, temperature=0.0, generator=None):
-    """M.sample_text without the cache: the whole sequence is recomputed for every new token.
+    """S.sample_text without the cache: the whole sequence is recomputed for every new token.
     Same heads and sampling (subset_logprobs, pick); no stop tokens."""
     dev = model.lm_head.weight.device
-    ids, valid = M.pad_left(prompts, model.cfg.pad_id, dev)
+    ids, valid = S.pad_left(prompts, model.cfg.pad_id, dev)
     allowed, toks, lps = allowed.to(dev), [], []
-    rows = M.head_rows(model, allowed)  # as sample_text: the head rows gathered once, not per token
+    rows = S.head_rows(model, allowed)  # as sample_text: the head rows gathered once, not per token
     for _ in range(max_new):
-        lp = M.subset_logprobs(model, model.hidden(ids, valid)[:, -1], allowed, temperature, rows)
-        j = M.pick(lp, temperature, generator=generator)
+        lp = S.subset_logprobs(model, model.hidden(ids, valid)[:, -1], allowed, temperature, rows)
+        j = S.pick(lp, temperature, generator=generator)
         toks.append(allowed[j])
         lps.append(lp.gather(-1, j[:, None])[:, 0])
         ids, valid = torch.cat((ids, toks[-1][:, None]), 1), torch.cat((valid, torch.ones_like(valid[:, :1])), 1)
@@ -212,18 +213,18 @@ def naive_decode(model, prompts, max_new, allowed, temperature=0.0, generator=No
 
 
 def maskgit_recompute(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
-    """M.sample_maskgit recomputing the prompt at every step instead of reusing its keys/values."""
-    return M.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, reuse_prompt=False)
+    """S.sample_maskgit recomputing the prompt at every step instead of reusing its keys/values."""
+    return S.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, reuse_prompt=False)
 
 
 def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
-    """M.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched one."""
-    return M.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, two_pass=True)
+    """S.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched one."""
+    return S.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, two_pass=True)
 
 
 def full_vs_chunked_loss(head, h, tgt, adv, chunk):
     """train.py's loss arithmetic on token_logprobs; chunk = 0 materialises all [rows, vocab] logits."""
-    lp, _ = M.token_logprobs(head, h, tgt, chunk=chunk)
+    lp, _ = S.token_logprobs(head, h, tgt, chunk=chunk)
     obj, _ = loss.ppo_clip(lp, lp.detach(), adv, 0.2, 0.2)
     return loss.segment_mean(obj, tgt >= 0)
 
@@ -236,19 +237,19 @@ def bench_text(model, tok, args, dev, res):
     rows = [p for p in text_prompts(tok, P, T, g) for _ in range(G)]
     distinct = text_prompts(tok, G, T, g)  # the comparisons decode G different prompts
     gen, base = torch.Generator(dev).manual_seed(args.seed), reset_peak(dev)
-    t, _, roll = timed(lambda: M.sample_text(model, rows, N, allowed, [], 1.0, generator=gen), dev, args.reps)
+    t, _, roll = timed(lambda: S.sample_text(model, rows, N, allowed, [], 1.0, generator=gen), dev, args.reps)
     nbytes = N * (2 * sum(p.numel() for p in model.parameters()) + 8 * model.cfg.n_layer * len(rows) * model.cfg.n_embd * (T + N / 2))
     res["text_rollout"] = dict(rows=len(rows), new_tokens=N, seconds=t, tokens_per_s=len(rows) * N / t,
                                peak_mb=peak_mb(dev), baseline_mb=base,
                                **utilisation(dev, fwd_flops(model, len(rows) * (T + N), T + N / 2), nbytes, t))
     # one group, greedy: cached vs naive (and compiled) must agree token for token
-    fast = lambda: M.sample_text(model, distinct, N, allowed, [], 0.0)
+    fast = lambda: S.sample_text(model, distinct, N, allowed, [], 0.0)
     slow = lambda: naive_decode(model, distinct, N, allowed, 0.0)
     t_fast, t_slow, _, a, b = pair(fast, slow, dev, args.reps)
     res["decode_vs_naive"] = dict(cached_s=t_fast, naive_s=t_slow, ratio=t_slow / t_fast, tokens_equal=torch.equal(a[0], b[0]),
                                   max_lp_diff=(a[1] - b[1]).abs().max().item())
     if args.compile:
-        comp = lambda: M.sample_text(model, distinct, N, allowed, [], 0.0, compile_step=True)
+        comp = lambda: S.sample_text(model, distinct, N, allowed, [], 0.0, compile_step=True)
         t_c, t_first, c = timed(comp, dev, args.reps)
         c = comp() if dev.type == "cuda" else c  # check in fp32
         res["decode_compiled_vs_eager"] = dict(compiled_s=t_c, eager_s=t_fast, ratio=t_fast / t_c, compile_s=t_first - t_c,
@@ -273,7 +274,7 @@ def bench_hf(c, args, dev, res):
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(1, c.vocab_size, (args.group, args.prompt_len), generator=g)  # equal lengths: no padding
     N, allowed = args.new_tokens, torch.arange(c.vocab_size)
-    ours_fn = lambda: M.sample_text(ours, ids.tolist(), N, allowed, [], 0.0)
+    ours_fn = lambda: S.sample_text(ours, ids.tolist(), N, allowed, [], 0.0)
     hf_fn = lambda: hf.generate(ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), max_new_tokens=N,
                                 do_sample=False, use_cache=True, pad_token_id=0)[:, ids.shape[1]:]
     t_ours, t_hf, _, a, b = pair(ours_fn, hf_fn, dev, args.reps)
@@ -281,7 +282,7 @@ def bench_hf(c, args, dev, res):
     res["decode_vs_hf_generate"] = r = dict(ours_s=t_ours, hf_s=t_hf, ratio=t_hf / t_ours, tokens_equal=torch.equal(a, b),
                                             token_match=(a == b).float().mean().item())
     if args.compile:  # the compiled step too (its graph was built for these shapes in bench_text)
-        comp = lambda: M.sample_text(ours, ids.tolist(), N, allowed, [], 0.0, compile_step=True)
+        comp = lambda: S.sample_text(ours, ids.tolist(), N, allowed, [], 0.0, compile_step=True)
         t_c, _, c = timed(comp, dev, args.reps)
         r.update(ours_compiled_s=t_c, ratio_compiled=t_hf / t_c, compiled_tokens_equal=torch.equal(a, (comp() if dev.type == "cuda" else c)[0]))
 
@@ -292,17 +293,17 @@ def bench_images(model, tok, n_img, args, dev, res):
     rows = [p for p in cond for _ in range(args.group)]
     unc = [tok.uncond_prompt()] * len(rows)
     gen, base = torch.Generator(dev).manual_seed(args.seed), reset_peak(dev)
-    t, _, st = timed(lambda: M.sample_maskgit(model, rows, unc, n_img, args.steps, args.cfg, 1.0, gen), dev, args.reps)
+    t, _, st = timed(lambda: S.sample_maskgit(model, rows, unc, n_img, args.steps, args.cfg, 1.0, gen), dev, args.reps)
     seq = args.prompt_len + 1 + n_img
     res["image_rollout"] = dict(rows=len(rows), steps=args.steps, cfg=args.cfg, seconds=t, rollouts_per_s=len(rows) / t,
                                 peak_mb=peak_mb(dev), baseline_mb=base,
                                 **utilisation(dev, fwd_flops(model, 2 * len(rows) * seq * args.steps, seq), 0, t))
     G, w = args.group, args.cfg or 1.0  # the comparison needs the uncond rows: CFG on
     seeded = lambda f: lambda: f(model, rows[:G], unc[:G], n_img, args.steps, w, 1.0, torch.Generator(dev).manual_seed(7))
-    t_b, t_2, _, a, b = pair(seeded(M.sample_maskgit), seeded(maskgit_two_pass), dev, args.reps)
+    t_b, t_2, _, a, b = pair(seeded(S.sample_maskgit), seeded(maskgit_two_pass), dev, args.reps)
     res["cfg_batched_vs_two_pass"] = dict(batched_s=t_b, two_pass_s=t_2, ratio=t_2 / t_b, codes_equal=torch.equal(a["codes"], b["codes"]),
                                           max_lp_diff=(a["logprobs"] - b["logprobs"]).abs().max().item())
-    t_r, t_c, _, a, b = pair(seeded(M.sample_maskgit), seeded(maskgit_recompute), dev, args.reps)
+    t_r, t_c, _, a, b = pair(seeded(S.sample_maskgit), seeded(maskgit_recompute), dev, args.reps)
     res["maskgit_kv_reuse_vs_recompute"] = dict(reuse_s=t_r, recompute_s=t_c, ratio=t_c / t_r, codes_equal=torch.equal(a["codes"], b["codes"]),
                                                 max_lp_diff=(a["logprobs"] - b["logprobs"]).abs().max().item())
     return dict(cond=rows, state=st)

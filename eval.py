@@ -15,7 +15,7 @@ import math
 import torch
 
 import data
-import model as M
+import sampling as S
 
 UNDERSTAND = ("recognition", "vqa", "textqa")
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "vqa_sampled", "textqa", "textqa_sampled",
@@ -26,7 +26,7 @@ GEN_METRICS = ("identity", "alignment", "knowledge")
 @torch.no_grad()
 def answer(model, tok, prompts, max_new, temperature=0.0, generator=None):
     """Decode a text answer for each prompt; returns (strings, tokens, logprobs, valid)."""
-    toks, lps, valid = M.sample_text(model, prompts, max_new, tok.text_ids(), [tok.eor_id],
+    toks, lps, valid = S.sample_text(model, prompts, max_new, tok.text_ids(), [tok.eor_id],
                                      temperature=temperature, generator=generator)
     texts = [tok.decode(t[v & (t != tok.eor_id)]) for t, v in zip(toks, valid)]
     return texts, toks, lps, valid
@@ -37,8 +37,8 @@ def draw(model, tok, prompts, args, temperature, generator=None, stop=None, stat
     """Image codes for generation prompts (ending with <boi>), MaskGIT or AR, CFG rows batched."""
     uncond, n = [tok.uncond_prompt()] * len(prompts), tok.n_image_tokens
     if args.image_mode == "ar":
-        return M.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
-    return M.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
+        return S.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
+    return S.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
                             sampler=args.maskgit_sampler, reuse_prompt=args.kv_reuse)
 
 

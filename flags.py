@@ -7,8 +7,8 @@ import os
 import sys
 
 import dgs
-import model as M
 import rewards
+import sampling as S
 import showo
 from ckpt import has_ckpt
 from loss import AGGREGATIONS
@@ -76,7 +76,7 @@ def get_args(argv=None):
     a("--ptx-batch", type=int, default=16, help="pretraining examples per RL update for --ptx (int)")
     a("--null-adv", action="store_true", help="null run: shuffle advantages within each group (same compute, no learning signal)")
     a("--adv-bessel", action="store_true", help="advantage std with Bessel's correction (n-1, as TRL); default the population std (n)")
-    a("--image-estimator", default="commit", choices=list(M.ESTIMATORS),
+    a("--image-estimator", default="commit", choices=list(S.ESTIMATORS),
       help="MaskGIT log-prob terms per scored step: commit (token at its commit step), commit-remask (Mask-GRPO: plus "
            "re-masked mass), masked (every masked position), all (every position, the released code); all in --preset showo")
     a("--loss-agg", default="grpo", choices=list(AGGREGATIONS),

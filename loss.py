@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 import dgs
-import model as M
+import sampling as S
 from rollouts import image_temperature, text_temperature
 
 
@@ -106,15 +106,15 @@ def score_batch(trunk, raw, tok, batch, args, steps_sel):
     dev = raw.lm_head.weight.device
     if batch.toks is not None:
         toks, mask = batch.toks.to(dev), batch.mask.to(dev)
-        h = M.answer_hidden(raw, batch.text_prompts, toks, mask, tok.pad_id, trunk, args.kv_reuse)
-        lp, ent = M.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=text_temperature(args), chunk=args.chunk)
+        h = S.answer_hidden(raw, batch.text_prompts, toks, mask, tok.pad_id, trunk, args.kv_reuse)
+        lp, ent = S.token_logprobs(raw, h, torch.where(mask, toks, -1), ids=tok.text_ids(), temperature=text_temperature(args), chunk=args.chunk)
         out["text"] = (lp, mask, ent)
     if batch.img is not None:
         im, uncond = batch.img, [tok.uncond_prompt()] * len(batch.gen_prompts)
         if args.image_mode == "ar":
-            lp, sel, ent = M.ar_image_logprobs(raw, batch.gen_prompts, uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
+            lp, sel, ent = S.ar_image_logprobs(raw, batch.gen_prompts, uncond, im["codes"], args.rl_cfg, args.temperature, args.chunk, trunk)
         else:
-            lp, sel, ent = M.maskgit_logprobs(raw, batch.gen_prompts, uncond, im["codes"], im["step_of"], steps_sel,
+            lp, sel, ent = S.maskgit_logprobs(raw, batch.gen_prompts, uncond, im["codes"], im["step_of"], steps_sel,
                                               args.rl_cfg, image_temperature(args), args.chunk, trunk,
                                               args.image_estimator, im["draws"], im["logprobs"], args.kv_reuse, args.step_backward)
         out["image"] = (lp, sel, ent)

@@ -20,6 +20,7 @@ import eval as E
 import model as M
 from ckpt import JsonLog, atomic_write, from_files, outputs, restore, save_checkpoint, say
 from rollouts import held_out_eval
+import sampling as S
 import worldio
 
 
@@ -99,8 +100,8 @@ def pretrain_example(tok, task, rng, args):
 
 
 def collate(examples, pad_id, device):
-    ids, valid = M.pad_left([e[0] for e in examples], pad_id, device)
-    tgts = [M.pad_left([[t + 1 for t in e[j]] for e in examples], 0, device)[0] - 1 for j in (1, 2)]
+    ids, valid = S.pad_left([e[0] for e in examples], pad_id, device)
+    tgts = [S.pad_left([[t + 1 for t in e[j]] for e in examples], 0, device)[0] - 1 for j in (1, 2)]
     return ids, valid, tgts[0], tgts[1]
 
 
@@ -120,8 +121,8 @@ def pretrain_loss(model, raw, tok, batch):
     ids, valid, text_tgt, img_tgt = batch
     h = model(ids, valid)
     code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
-    lp_t, _ = M.token_logprobs(raw, h, text_tgt, ids=tok.text_ids())
-    lp_i, _ = M.token_logprobs(raw, h, img_tgt, ids=code_ids)
+    lp_t, _ = S.token_logprobs(raw, h, text_tgt, ids=tok.text_ids())
+    lp_i, _ = S.token_logprobs(raw, h, img_tgt, ids=code_ids)
     lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
     return lt + li, lt.detach(), li.detach()
 

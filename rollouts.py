@@ -16,8 +16,8 @@ import torch
 import data
 import dgs
 import eval as E
-import model as M
 import rewards
+import sampling as S
 import unifybench
 
 
@@ -174,8 +174,8 @@ def recognizer(model, tok):
     @torch.no_grad()  # on the returned judge: a reward is never differentiated
     def recognize(concepts, codes):
         tasks = [data.Task("recognition", c, data.RECOGNITION.format(tok=c.token), "yes", image=x) for c, x in zip(concepts, codes)]
-        ids, valid = M.pad_left([tok.understanding_prompt(t) for t in tasks], tok.pad_id, model.lm_head.weight.device)
-        lp = M.subset_logprobs(model, model(ids, valid)[:, -1], torch.tensor([yes, no]))
+        ids, valid = S.pad_left([tok.understanding_prompt(t) for t in tasks], tok.pad_id, model.lm_head.weight.device)
+        lp = S.subset_logprobs(model, model(ids, valid)[:, -1], torch.tensor([yes, no]))
         return lp[:, 0].exp().tolist()
     return recognize
 

@@ -7,6 +7,7 @@ import torch
 
 import bench
 import model as M
+import sampling as S
 
 SMALL = ["--device", "cpu", "--layers", "2", "--width", "32", "--heads", "2"]
 
@@ -26,7 +27,7 @@ def prompts(tok, n, length=7, seed=0):
 def test_cached_decode_equals_naive_decode():
     m, tok, _ = tiny()
     ps = prompts(tok, 3) + prompts(tok, 1, length=4, seed=1)  # unequal lengths: left padding too
-    toks, lps, valid = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
+    toks, lps, valid = S.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
     ref, ref_lp = bench.naive_decode(m, ps, 10, tok.text_ids())
     assert valid.all() and torch.equal(toks, ref)
     assert torch.allclose(lps, ref_lp, atol=1e-5)
@@ -35,7 +36,7 @@ def test_cached_decode_equals_naive_decode():
 def test_sampled_decode_equals_naive_decode_for_one_generator():
     m, tok, _ = tiny()
     ps = prompts(tok, 4)
-    a = M.sample_text(m, ps, 8, tok.text_ids(), [], temperature=1.0, generator=torch.Generator().manual_seed(5))
+    a = S.sample_text(m, ps, 8, tok.text_ids(), [], temperature=1.0, generator=torch.Generator().manual_seed(5))
     b = bench.naive_decode(m, ps, 8, tok.text_ids(), 1.0, torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
 
@@ -47,8 +48,8 @@ def test_sampled_decode_equals_naive_decode_for_one_generator():
 def test_compiled_decode_step_equals_eager():
     m, tok, _ = tiny()
     ps = prompts(tok, 3)
-    a = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
-    b = M.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0, compile_step=True)
+    a = S.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0)
+    b = S.sample_text(m, ps, 10, tok.text_ids(), [], temperature=0, compile_step=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert torch.allclose(a[1], b[1], atol=1e-5)
 
@@ -58,7 +59,7 @@ def test_batched_cfg_maskgit_equals_two_passes(cfg_w):
     m, tok, n_img = tiny()
     cond = [p + [tok.boi_id] for p in prompts(tok, 3)] + [p + [tok.boi_id] for p in prompts(tok, 1, 4, seed=2)]
     unc = [[tok.bos_id, tok.boi_id]] * 4
-    a = M.sample_maskgit(m, cond, unc, n_img, 5, cfg_w, 1.0, torch.Generator().manual_seed(3))
+    a = S.sample_maskgit(m, cond, unc, n_img, 5, cfg_w, 1.0, torch.Generator().manual_seed(3))
     b = bench.maskgit_two_pass(m, cond, unc, n_img, 5, cfg_w, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["step_of"], b["step_of"])
     assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as M
+import sampling as S
 
 V, OFF, K, MASK = 64, 40, 20, 60  # ids 40..59 are image codes, 60 is <mask>
 BOI, EOI = 3, 61
@@ -95,7 +96,7 @@ def test_image_tokens_see_later_image_tokens():
 def test_left_padding_does_not_change_outputs():
     m = tiny()
     seq = [1, 5, 6, OFF + 2, OFF + 4, 7]
-    ids, valid = M.pad_left([seq, [3] * 9], 0)
+    ids, valid = S.pad_left([seq, [3] * 9], 0)
     with torch.no_grad():
         padded = m.hidden(ids, valid)[0, -len(seq):]
         alone = m.hidden(torch.tensor([seq]))[0]
@@ -107,7 +108,7 @@ def full_recompute_greedy(m, prompt, n, allowed):
     for _ in range(n):
         with torch.no_grad():
             h = m.hidden(torch.tensor([seq]))[:, -1]
-            lp = M.subset_logprobs(m, h, allowed)
+            lp = S.subset_logprobs(m, h, allowed)
         j = lp.argmax(-1)
         lps.append(lp[0, j].item())
         seq.append(allowed[j].item())
@@ -118,7 +119,7 @@ def test_kv_cache_greedy_equals_full_recomputation():
     m = tiny()
     allowed = torch.tensor([1, 2, *range(4, 30)])  # text never emits <boi> (id 3)
     prompts = [[1, 4, 5, 6, 7], [2, 8], [9, 8, 7, 6, 5, 4, 2]]
-    toks, lps, valid = M.sample_text(m, prompts, 8, allowed, stop_ids=[], temperature=0)
+    toks, lps, valid = S.sample_text(m, prompts, 8, allowed, stop_ids=[], temperature=0)
     for i, p in enumerate(prompts):
         ref, ref_lp = full_recompute_greedy(m, p, 8, allowed)
         assert toks[i].tolist() == ref
@@ -131,20 +132,20 @@ def test_text_sampler_logprobs_match_scorer_and_stop():
     allowed = torch.tensor([1, 2, *range(4, 30)])
     prompts = [[1, 4, 5], [2, 6, 6, 6]]
     g = torch.Generator().manual_seed(3)
-    toks, lps, valid = M.sample_text(m, prompts, 12, allowed, stop_ids=[7, 8, 9], temperature=1.3, generator=g)
+    toks, lps, valid = S.sample_text(m, prompts, 12, allowed, stop_ids=[7, 8, 9], temperature=1.3, generator=g)
     assert torch.all(toks[~valid] == 0)
     for i in range(2):  # after a stop token nothing more is valid
         stops = [t for t, tok in enumerate(toks[i].tolist()) if tok in (7, 8, 9)]
         if stops:
             assert not valid[i, stops[0] + 1:].any()
     seqs = [p + toks[i][valid[i]].tolist() for i, p in enumerate(prompts)]
-    ids, v = M.pad_left(seqs, 0)
+    ids, v = S.pad_left(seqs, 0)
     tgt = torch.full_like(ids, -1)
     for i, p in enumerate(prompts):
         n = int(valid[i].sum())
         tgt[i, -n - 1:-1] = ids[i, -n:]
     with torch.no_grad():
-        lp, _ = M.token_logprobs(m, m(ids, v), tgt, ids=allowed, temperature=1.3, chunk=5)
+        lp, _ = S.token_logprobs(m, m(ids, v), tgt, ids=allowed, temperature=1.3, chunk=5)
     for i in range(2):
         n = int(valid[i].sum())
         assert torch.allclose(lp[i, -n - 1:-1], lps[i][valid[i]], atol=1e-5)
@@ -157,17 +158,17 @@ def test_maskgit_codes_length_determinism_and_logprobs(cfg_w):
     uncond = [[1, 3], [1, 3]]
 
     def run(seed):
-        return M.sample_maskgit(m, cond, uncond, 16, steps=5, cfg_w=cfg_w, temperature=1.0,
+        return S.sample_maskgit(m, cond, uncond, 16, steps=5, cfg_w=cfg_w, temperature=1.0,
                                 generator=torch.Generator().manual_seed(seed))
     a, b = run(0), run(0)
     assert a["codes"].shape == (2, 16)
     assert ((a["codes"] >= 0) & (a["codes"] < K)).all()      # only image codes, all committed
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["logprobs"], b["logprobs"])
     assert set(a["step_of"].unique().tolist()) == set(range(5))
-    lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), cfg_w, 1.0, chunk=7)
+    lp, sel, _ = S.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), cfg_w, 1.0, chunk=7)
     assert sel.all()
     assert torch.allclose(lp, a["logprobs"], atol=1e-5)
-    part, sel2, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [1, 3], cfg_w, 1.0)
+    part, sel2, _ = S.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [1, 3], cfg_w, 1.0)
     assert torch.equal(sel2, (a["step_of"] == 1) | (a["step_of"] == 3))
     assert torch.allclose(part[sel2], a["logprobs"][sel2], atol=1e-5)
 
@@ -175,11 +176,11 @@ def test_maskgit_codes_length_determinism_and_logprobs(cfg_w):
 def test_maskgit_preview_and_resume_equal_one_run():
     m = tiny()
     cond, uncond = [[1, 4, 5, 3]], [[1, 3]]
-    full = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=torch.Generator().manual_seed(1))
+    full = S.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
-    part = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, stop=2)
+    part = S.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, stop=2)
     assert (part["pred"] >= 0).all() and (part["codes"] < 0).any()  # preview is a full image
-    done = M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, state=part)
+    done = S.sample_maskgit(m, cond, uncond, 16, 6, 1.5, generator=g, state=part)
     assert torch.equal(done["codes"], full["codes"])
 
 
@@ -200,12 +201,12 @@ def show_o_rule(N, T):
 @pytest.mark.parametrize("N,T_", [(1024, 12), (1024, 18), (1024, 50), (256, 50), (64, 8)])
 def test_showo_sampler_commits_as_show_o(N, T_):
     m = tiny()
-    st = M.sample_maskgit(m, [[1, 4, 3]], [[1, 3]], N, T_, 2.0, generator=torch.Generator().manual_seed(0), sampler="showo")
+    st = S.sample_maskgit(m, [[1, 4, 3]], [[1, 3]], N, T_, 2.0, generator=torch.Generator().manual_seed(0), sampler="showo")
     assert ((st["codes"] >= 0) & (st["codes"] < K)).all()  # every position filled at the end
     got = torch.bincount(st["step_of"][0], minlength=T_).tolist()
-    assert got == show_o_rule(N, T_) == M.showo_commits(N, T_)
+    assert got == show_o_rule(N, T_) == S.showo_commits(N, T_)
     if (N, T_) == (1024, 12):  # the plain float64 floor-difference schedule is not Show-o's here
-        assert [M.keep_masked(s - 1, T_, N) - M.keep_masked(s, T_, N) if s else N - M.keep_masked(0, T_, N)
+        assert [S.keep_masked(s - 1, T_, N) - S.keep_masked(s, T_, N) if s else N - S.keep_masked(0, T_, N)
                 for s in range(T_)] != got
 
 
@@ -214,27 +215,27 @@ def test_showo_sampler_is_seeded_untempered_and_compounds_its_temperature():
     cond, uncond = [[1, 4, 5, 3], [2, 6, 3]], [[1, 3], [1, 3]]
 
     def run(seed, temperature=1.0):
-        return M.sample_maskgit(m, cond, uncond, 16, 6, 1.5, temperature, torch.Generator().manual_seed(seed), sampler="showo")
+        return S.sample_maskgit(m, cond, uncond, 16, 6, 1.5, temperature, torch.Generator().manual_seed(seed), sampler="showo")
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["logprobs"], b["logprobs"])
     assert not torch.equal(a["codes"], c["codes"])
     # log-probs are those of the untempered CFG logits, whatever the (Gumbel) temperature
     for st in (a, run(0, temperature=3.0)):
-        lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], list(range(6)), 1.5, 1.0)
+        lp, sel, _ = S.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], list(range(6)), 1.5, 1.0)
         assert sel.all() and torch.allclose(lp, st["logprobs"], atol=1e-5)
-    assert M.showo_choice_temperature(0, 50) == pytest.approx(0.98)
-    assert M.showo_choice_temperature(9, 50) == pytest.approx(math.prod(1 - j / 50 for j in range(1, 11)))
-    assert M.showo_choice_temperature(9, 50) == pytest.approx(0.31, abs=0.01) and M.showo_choice_temperature(26, 50) < 1e-3
+    assert S.showo_choice_temperature(0, 50) == pytest.approx(0.98)
+    assert S.showo_choice_temperature(9, 50) == pytest.approx(math.prod(1 - j / 50 for j in range(1, 11)))
+    assert S.showo_choice_temperature(9, 50) == pytest.approx(0.31, abs=0.01) and S.showo_choice_temperature(26, 50) < 1e-3
 
 
-@pytest.mark.parametrize("estimator", M.ESTIMATORS)
+@pytest.mark.parametrize("estimator", S.ESTIMATORS)
 def test_image_estimators_score_their_positions(estimator):
     """A hand-built 5-token, 3-step trajectory scored at step 1: which positions, which tokens, what value."""
     m = tiny()
     codes, step_of = torch.tensor([[5, 7, 2, 9, 11]]), torch.tensor([[0, 1, 2, 1, 2]])
     draws = torch.tensor([[[5, 8, 3, 1, 0], [5, 7, 4, 9, 6], [5, 7, 2, 9, 11]]], dtype=torch.int32)
     commit_lp = torch.tensor([[-1.0, -2.0, -3.0, -2.9, -0.5]])
-    lp, sel, _ = M.maskgit_logprobs(m, [[1, 4, 3]], [[1, 3]], codes, step_of, [1], estimator=estimator,
+    lp, sel, _ = S.maskgit_logprobs(m, [[1, 4, 3]], [[1, 3]], codes, step_of, [1], estimator=estimator,
                                     draws=draws, commit_lp=commit_lp)
     with torch.no_grad():  # step 1's input: position 0 committed at step 0, the rest masked
         full = m.logits(torch.tensor([[1, 4, 3, OFF + 5, MASK, MASK, MASK, MASK]]))[0, 3:, OFF:OFF + K].log_softmax(-1)
@@ -259,17 +260,17 @@ def test_ar_image_logprobs_match_scorer(cfg_w):
     m = tiny(image_causal=True)
     cond, uncond = [[1, 4, 5, 3], [2, 3]], [[1, 3], [1, 3]]
     g = torch.Generator().manual_seed(0)
-    part = M.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, stop=4)
+    part = S.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, stop=4)
     assert (part["codes"][:, :4] >= 0).all() and (part["codes"][:, 4:] < 0).all()
-    st = M.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, state=part)
+    st = S.sample_ar_image(m, cond, uncond, 12, cfg_w, 0.9, generator=g, state=part)
     assert ((st["codes"] >= 0) & (st["codes"] < K)).all()
-    lp, _, _ = M.ar_image_logprobs(m, cond, uncond, st["codes"], cfg_w, 0.9, chunk=5)
+    lp, _, _ = S.ar_image_logprobs(m, cond, uncond, st["codes"], cfg_w, 0.9, chunk=5)
     assert torch.allclose(lp, st["logprobs"], atol=1e-5)
 
 
 def test_ar_sampling_needs_causal_images():
     with pytest.raises(ValueError, match="image_causal"):
-        M.sample_ar_image(tiny(), [[1, 3]], [[1, 3]], 4)
+        S.sample_ar_image(tiny(), [[1, 3]], [[1, 3]], 4)
 
 
 def test_chunked_scoring_equals_full_with_gradients():
@@ -281,7 +282,7 @@ def test_chunked_scoring_equals_full_with_gradients():
     grads = []
     for chunk in (0, 4):
         m.zero_grad()
-        lp, _ = M.token_logprobs(m, m(idx, valid), tgt, chunk=chunk)
+        lp, _ = S.token_logprobs(m, m(idx, valid), tgt, chunk=chunk)
         lp.sum().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
         if chunk == 0:
@@ -307,17 +308,17 @@ def test_prompt_kv_reuse_equals_recompute(layout, sampler):
 
     def run(reuse):
         g = torch.Generator().manual_seed(4)
-        part = M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, stop=2, sampler=sampler, reuse_prompt=reuse)
-        return M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, state=part, sampler=sampler, reuse_prompt=reuse)
+        part = S.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, stop=2, sampler=sampler, reuse_prompt=reuse)
+        return S.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, g, state=part, sampler=sampler, reuse_prompt=reuse)
     a, b = run(True), run(False)
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["draws"], b["draws"])
     assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
-    for est in M.ESTIMATORS:
-        out = [M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [0, 2, 4], 1.5, 1.0, estimator=est,
+    for est in S.ESTIMATORS:
+        out = [S.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], [0, 2, 4], 1.5, 1.0, estimator=est,
                                   draws=a["draws"], commit_lp=a["logprobs"], reuse_prompt=reuse) for reuse in (True, False)]
         assert torch.equal(out[0][1], out[1][1]), est
         assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][2], out[1][2], atol=1e-5), est
-    lp, sel, _ = M.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), 1.5, 1.0)
+    lp, sel, _ = S.maskgit_logprobs(m, cond, uncond, a["codes"], a["step_of"], list(range(5)), 1.5, 1.0)
     if sampler == "plain":  # the reused path's scorer still reads what its sampler stored
         assert sel.all() and torch.allclose(lp, a["logprobs"], atol=1e-5)
 
@@ -329,11 +330,11 @@ def test_step_backward_gives_the_all_at_once_gradient(estimator, reuse, ckpt):
     m = tiny_layout("nanosync")
     m.grad_ckpt = ckpt
     cond, uncond = [[1, 4, 5, 3], [2, 3]], [[1, 3]] * 2
-    st = M.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, torch.Generator().manual_seed(2))
+    st = S.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, torch.Generator().manual_seed(2))
     out = []
     for step_backward in (False, True):
         m.zero_grad()
-        lp, sel, ent = M.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], [1, 3, 4], 1.5, 1.0, chunk=7,
+        lp, sel, ent = S.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], [1, 3, 4], 1.5, 1.0, chunk=7,
                                           estimator=estimator, draws=st["draws"], commit_lp=st["logprobs"],
                                           reuse_prompt=reuse, step_backward=step_backward)
         ((lp * sel).sum() / sel.sum() + 0.1 * ent.mean()).backward()
@@ -353,8 +354,8 @@ def test_answer_scoring_with_shared_prompts_equals_full_rows():
     out = []
     for reuse in (True, False):
         m.zero_grad()
-        h = M.answer_hidden(m, prompts, toks, mask, 0, reuse_prompt=reuse)
-        lp, _ = M.token_logprobs(m, h, torch.where(mask, toks, -1))
+        h = S.answer_hidden(m, prompts, toks, mask, 0, reuse_prompt=reuse)
+        lp, _ = S.token_logprobs(m, h, torch.where(mask, toks, -1))
         lp.sum().backward()
         out.append((h[mask].detach(), [p.grad.clone() for p in m.parameters()]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
@@ -365,7 +366,7 @@ def test_text_sampler_prefills_each_distinct_prompt_once():
     m = tiny()
     prompts = [[1, 4, 5, 6]] * 3 + [[2, 7]] * 2 + [[1, 4, 5, 6]]
     allowed = torch.arange(1, 30)
-    a, b = (M.sample_text(m, prompts, 6, allowed, [9], 1.0, generator=torch.Generator().manual_seed(1), reuse_prompt=r)
+    a, b = (S.sample_text(m, prompts, 6, allowed, [9], 1.0, generator=torch.Generator().manual_seed(1), reuse_prompt=r)
             for r in (True, False))
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert torch.allclose(a[1], b[1], atol=1e-5)

@@ -26,6 +26,7 @@ import magvit
 import model as M
 import rewards as R
 import rollouts
+import sampling as S
 import showo
 import showo_fixture as F
 import train as T
@@ -101,7 +102,7 @@ def test_showo_layout_masks_follow_show_o():
         assert torch.equal(got, show_o_rules(seq, soi, eoi, mmu)), seq
     # left padding: pads are invisible, and the rules hold on the real tokens
     seq = [t2i, 0, 3, soi, *img, eoi]
-    ids, valid = M.pad_left([seq, seq + [0, 0]], n)
+    ids, valid = S.pad_left([seq, seq + [0, 0]], n)
     got = m.omni_mask(ids, valid)[0, 0, 2:, 2:]
     assert torch.equal(got, show_o_rules(seq, soi, eoi, mmu)) and not m.omni_mask(ids, valid)[0, 0, 3:, :2].any()
 
@@ -113,9 +114,9 @@ def test_maskgit_reads_show_o_t2i_layout(folders):
     tok = showo.ShowoTokenizer(folders["tokenizer_dir"], sc)
     c = U.Concept("<bo>", "dog", "a small brown dog", [], [])
     cond, uncond, N, w = tok.generation_prompt(c, "on the beach", []), tok.uncond_prompt(), sc["num_vq_tokens"], 2.0
-    got = M.sample_maskgit(model.eval(), [cond], [uncond], N, steps=1, cfg_w=w, temperature=0)
+    got = S.sample_maskgit(model.eval(), [cond], [uncond], N, steps=1, cfg_w=w, temperature=0)
     rows = [p + [tok.mask_id] * N + [tok.eoi_id] for p in (cond, uncond)]
-    ids, valid = M.pad_left(rows, tok.pad_id)
+    ids, valid = S.pad_left(rows, tok.pad_id)
     with torch.no_grad():
         logits = model.logits(ids, valid)[:, -(N + 1):-1, tok.image_offset:tok.image_offset + sc["codebook_size"]]
     lp = ((1 + w) * logits[0] - w * logits[1]).log_softmax(-1)
