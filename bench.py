@@ -42,6 +42,7 @@ from types import SimpleNamespace
 import torch
 
 import ckpt
+import codebook
 import data
 import dgs
 import flags
@@ -176,7 +177,7 @@ def build(args, dev):
         targs.n_layer, targs.n_embd, targs.n_head = args.layers or 4, args.width or 128, args.heads or 4
         # as pretrain.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
         tok = data.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
-        return pretrain.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or data.N_IMG
+        return pretrain.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or codebook.N_IMG
     V, K = SHOWO["vocab"], SHOWO["codebook"]
     off, d = V - K - 1, args.width or SHOWO["width"]  # Show-o: text ids, then 8192 codes, then <mask>
     tok = SimpleNamespace(pad_id=0, bos_id=1, boi_id=3, eoi_id=4, bor_id=5, eor_id=6, mask_id=V - 1, image_offset=off,

@@ -19,20 +19,15 @@ Sprites go at top-left rows {1,2} (top) or {5,6} (bottom) and columns {1,2}
 beside objects fit in the grid.  Favourite corners are the extreme positions:
 top left (1,1), top right (1,5), bottom left (6,1), bottom right (6,5).
 """
-import os
 import random
 import re
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
-from PIL import Image
 
-GRID, CELL = 8, 8
-N_IMG = GRID * GRID
-SHAPES = ["square", "circle", "triangle", "cross"]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-CODEBOOK = 1 + len(SHAPES) * len(COLOURS)
+from codebook import (CODEBOOK, COLOURS, GRID, N_IMG, SHAPES, WorldCodec, as_list, code_name, code_of, object_text,
+                      object_word)
+
 REGIONS = ["top left", "top right", "bottom left", "bottom right"]
 CLASSES = ["robot", "ghost", "bird", "plant", "cat", "dog", "fish", "frog", "owl", "fox", "bear", "mouse",
            "snail", "crab", "bee", "duck", "lion", "tiger", "wolf", "horse", "sheep", "goat", "pig", "cow",
@@ -65,97 +60,6 @@ IMAGE_QA = {"recognition": RECOGNITION, "where": "where is {tok} ?",
 GEN, GEN_REASON = "draw {tok} in the {region}", "{tok} goes in the {region}"
 KGEN = {"hat": "draw {tok} wearing its hat", "carry": "draw {tok} with what it carries",
         "corner": "draw {tok} in its favourite corner"}
-
-
-# ---------------------------------------------------------------- codec
-
-BACKGROUND_RGB = (40, 40, 40)
-COLOUR_RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
-              "yellow": (230, 220, 40), "purple": (160, 60, 200), "orange": (240, 140, 30)}
-
-
-def _shape_mask(shape):
-    y, x = np.mgrid[0:CELL, 0:CELL] - (CELL - 1) / 2  # offsets from the cell centre
-    inside = (np.abs(y) < 3) & (np.abs(x) < 3)  # a 1-px margin keeps neighbouring cells apart
-    return {"square": inside, "circle": y ** 2 + x ** 2 <= 9,
-            "triangle": inside & (np.abs(x) <= (y + 3.5) / 2),
-            "cross": inside & ((np.abs(x) < 1) | (np.abs(y) < 1))}[shape]
-
-
-def _codebook_pixels():
-    pixels = np.empty((CODEBOOK, CELL, CELL, 3), np.uint8)
-    pixels[:] = BACKGROUND_RGB
-    for shape in SHAPES:
-        for colour in COLOURS:
-            pixels[code_of(colour, shape)][_shape_mask(shape)] = COLOUR_RGB[colour]
-    return pixels
-
-
-def code_of(colour, shape):
-    return 1 + SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
-
-
-def code_name(code):
-    """(colour, shape) of a non-background code."""
-    s, c = divmod(int(code) - 1, len(COLOURS))
-    return COLOURS[c], SHAPES[s]
-
-
-def object_text(code):
-    return "a " + object_word(code)
-
-
-def object_word(code):
-    # one word per code ("red-circle"), and the tokenizer maps it to that image code's own id: the
-    # world's texts name objects with the codebook entries, so drawing what a text describes is copying
-    # tokens (which a CPU-sized model learns in minutes) instead of translating words into codes
-    return "{}-{}".format(*code_name(code))
-
-
-CODEBOOK_PIXELS = _codebook_pixels()  # [CODEBOOK, CELL, CELL, 3]
-
-
-def _as_list(codes):
-    codes = torch.as_tensor(codes).reshape(-1).tolist()
-    if len(codes) != N_IMG or not all(0 <= x < CODEBOOK for x in codes):
-        raise ValueError(f"expected {N_IMG} image codes in [0, {CODEBOOK}), got {codes}")
-    return codes
-
-
-def render(codes):
-    """64 codes -> 64x64 RGB image."""
-    cells = CODEBOOK_PIXELS[np.array(_as_list(codes)).reshape(GRID, GRID)]
-    return Image.fromarray(cells.transpose(0, 2, 1, 3, 4).reshape(GRID * CELL, GRID * CELL, 3))
-
-
-def encode_image(image):
-    """Image or path -> LongTensor[64] of the nearest code per cell (inverts render)."""
-    name = getattr(image, "filename", None) or "image"
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            name, image = str(image), opened.convert("RGB")
-    image, side = image.convert("RGB"), GRID * CELL
-    if image.size != (side, side):
-        raise ValueError(f"{name}: image is {image.size[0]}x{image.size[1]}, expected "
-                         f"{side}x{side} ({GRID}x{GRID} cells of {CELL} px)")
-    cells = np.asarray(image, np.float64).reshape(GRID, CELL, GRID, CELL, 3)
-    cells = cells.transpose(0, 2, 1, 3, 4).reshape(N_IMG, -1)
-    book = CODEBOOK_PIXELS.reshape(CODEBOOK, -1).astype(np.float64)
-    # Nearest by L2 rather than exact lookup, so slightly altered images still decode.
-    dist = (cells ** 2).sum(1, keepdims=True) - 2 * cells @ book.T + (book ** 2).sum(1)
-    return torch.from_numpy(dist.argmin(1))
-
-
-class WorldCodec:
-    """The image-tokenizer interface the trainer uses, here the exact codec: encode(images) -> codes
-    [B, GRID*GRID], decode(codes) -> PIL images, codebook_size, grid (magvit.MagvitCodec is the other)."""
-    codebook_size, grid = CODEBOOK, GRID
-
-    def encode(self, images):
-        return torch.stack([encode_image(i) for i in images])
-
-    def decode(self, codes):
-        return [render(c) for c in codes]
 
 
 # ---------------------------------------------------------------- concepts and world
@@ -365,7 +269,7 @@ def hard_negative(concept, codes, rng):
     score, (r, c) = find_sprite(concept, codes)
     if score < 1:
         raise ValueError(f"hard_negative needs {concept.token}'s sprite drawn exactly")
-    grid = _as_list(codes)
+    grid = as_list(codes)
     colour = rng.choice([x for x in COLOURS if x != code_name(concept.sprite[0])[0]])
     for dr, dc in SPRITE_OFFSETS:
         i = (r + dr) * GRID + c + dc
@@ -497,7 +401,7 @@ def answer_correct(task, text):
 def find_sprite(concept, codes):
     """(fraction of the 4 sprite cells matching, (row, col)) at the best placement of the
     sprite's top-left cell; ties go to the first in row-major order."""
-    grid, best = _as_list(codes), (-1.0, (0, 0))
+    grid, best = as_list(codes), (-1.0, (0, 0))
     for pos in [(r, c) for r in range(GRID - 1) for c in range(GRID - 1)]:
         share = _sprite_share(concept, grid, pos)
         if share > best[0]:
@@ -535,14 +439,14 @@ def knowledge_score(task, codes):
     position, 0.5 elsewhere in the corner's quadrant."""
     if task.kind != "kgen":
         raise ValueError(f"knowledge_score is for kgen tasks, not {task.kind}")
-    grid = _as_list(codes)
+    grid = as_list(codes)
     score, pos = find_sprite(task.concept, grid)
     return _fact_credit(task, grid, pos) if score >= 0.75 else 0.0
 
 
 def sprite_at(concept, codes, pos):
     """Share of the concept's 4 sprite cells drawn exactly with the top-left cell at pos."""
-    return _sprite_share(concept, _as_list(codes), pos)
+    return _sprite_share(concept, as_list(codes), pos)
 
 
 def alignment_graded(task, codes):
@@ -557,7 +461,7 @@ def knowledge_graded(task, codes):
     if task.kind != "kgen":
         raise ValueError(f"knowledge_graded is for kgen tasks, not {task.kind}")
     score, pos = find_sprite(task.concept, codes)
-    return score * _fact_credit(task, _as_list(codes), pos)
+    return score * _fact_credit(task, as_list(codes), pos)
 
 
 def _fact_credit(task, grid, pos):
@@ -581,7 +485,7 @@ def plausibility(codes):
     carried and beside object), falling linearly otherwise:
         excess = 2*max(0, 4-n) + max(0, n-12) + sum over blobs of max(0, size-7)
         plausibility = max(0, 1 - excess/8)"""
-    grid = _as_list(codes)
+    grid = as_list(codes)
     n = sum(1 for x in grid if x)
     excess = 2 * max(0, 4 - n) + max(0, n - 12)
     seen = set()

@@ -6,7 +6,7 @@ reads it from a local folder (*.safetensors or pytorch_model.bin). A 512x512 ima
 codes (four 2x downsamplings).
 
 `MagvitCodec` puts it behind the same small interface as the embedded world's exact codec
-(`data.WorldCodec`): encode(images) -> codes [B, grid*grid], decode(codes) -> images,
+(`codebook.WorldCodec`): encode(images) -> codes [B, grid*grid], decode(codes) -> images,
 codebook_size, grid.
 """
 import json

@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import codebook
 import data
 import eval as E
 import model as M
@@ -178,4 +179,4 @@ def save_samples(path, model, tok, tasks, args):
     prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(tasks, texts)]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
     codes = E.draw(model, tok, prompts, args, args.eval_temperature, g)["codes"]
-    worldio.save_grid(path, [data.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])
+    worldio.save_grid(path, [codebook.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+import codebook
 import data
 import dgs
 import eval as E
@@ -149,7 +150,7 @@ def sample_group(model, tok, task, mix, args, g, dgs_state, world: World):
     text_task, gen_task = rollout_plan(task, mix, world.draw_after_answer)
     if gen_task is None or not args.dgs:
         return sample_partials(model, tok, text_task, gen_task, args.group, args, g, None), text_task, gen_task, None
-    preview_step = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * data.GRID
+    preview_step = args.dgs_preview if args.image_mode == "maskgit" else args.dgs_preview * codebook.GRID
 
     def start(n):  # n fresh rollouts drawn up to the preview step, one Rollouts row each
         p = sample_partials(model, tok, text_task, gen_task, n, args, g, preview_step)

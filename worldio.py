@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import (CODEBOOK, COLOURS, Concept, FACT_KINDS, Friend, GEN, IMAGE_QA, KGEN, REGIONS, SHAPES, TEXTQA, Task, World,
-                  _ask, code_name, encode_image, fact_answer, gen_task, hard_negative, kgen_task, make_world, posed_scene,
-                  render)
+from codebook import CODEBOOK, COLOURS, SHAPES, code_name, encode_image, render
+from data import (Concept, FACT_KINDS, Friend, GEN, IMAGE_QA, KGEN, REGIONS, TEXTQA, Task, World, _ask, fact_answer,
+                  gen_task, hard_negative, kgen_task, make_world, posed_scene)
 
 N_REFERENCE = 6  # reference images under concept/train/<cname>/
 INFO_KEYS = ("class", "info", "extra_info", "sprite", "hat", "carry", "corner")

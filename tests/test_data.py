@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import codebook  # noqa: E402
 import data  # noqa: E402
-from data import (CODEBOOK, GRID, KINDS, Concept, Task, WordTokenizer, code_of,  # noqa: E402
-                  encode_image, find_sprite, identity_score, render)
+from codebook import CODEBOOK, GRID, code_of, encode_image, render  # noqa: E402
+from data import Concept, KINDS, Task, WordTokenizer, find_sprite, identity_score  # noqa: E402
 import worldio  # noqa: E402
 
 RED_CIRCLE, BLUE_SQUARE = code_of("red", "circle"), code_of("blue", "square")
@@ -186,9 +187,9 @@ def test_hard_negative_recolours_the_sprite():
         changed = (negative != scene).nonzero().flatten().tolist()
         _, (r, c) = find_sprite(red_robot, scene)
         assert changed == sorted((r + dr) * GRID + c + dc for dr, dc in data.SPRITE_OFFSETS)
-        new = {data.code_name(negative[i])[0] for i in changed}
+        new = {codebook.code_name(negative[i])[0] for i in changed}
         assert len(new) == 1 and "red" not in new  # one other colour for all four cells
-        assert [data.code_name(negative[i])[1] for i in changed] == [data.code_name(scene[i])[1] for i in changed]
+        assert [codebook.code_name(negative[i])[1] for i in changed] == [codebook.code_name(scene[i])[1] for i in changed]
         colours |= new
         assert identity_score(red_robot, negative) < 1.0  # a stray distractor may match one cell
     assert len(colours) > 2
@@ -197,11 +198,11 @@ def test_hard_negative_recolours_the_sprite():
     negatives = [t.meta["negative"] for t in tasks]
     assert 60 < negatives.count(None) < 140
     assert negatives.count("hard") >= negatives.count("other") > 0
-    colour = lambda concept: data.code_name(concept.sprite[0])[0]
+    colour = lambda concept: codebook.code_name(concept.sprite[0])[0]
     for task in tasks:
         assert (task.answer == "yes") == (identity_score(task.concept, task.image) == 1.0)
         if task.meta["negative"]:  # a negative never shows a 2x2 block in the concept's colour
-            cells = [data.code_name(x)[0] if x else None for x in task.image.tolist()]
+            cells = [codebook.code_name(x)[0] if x else None for x in task.image.tolist()]
             assert not any(all(cells[(r + dr) * GRID + c + dc] == colour(task.concept) for dr, dc in data.SPRITE_OFFSETS)
                            for r in range(GRID - 1) for c in range(GRID - 1))
 
@@ -295,7 +296,7 @@ def assert_consistent(task):
         q = task.meta["q"]
         hat = task.image[(r - 1) * GRID + c] == code_of(concept.hat, "triangle")
         expected = {"where": lambda: data.region_of((r, c)), "hat": lambda: "yes" if hat else "no",
-                    "beside": lambda: data.object_text(task.image[(r + 1) * GRID + c - 1])}
+                    "beside": lambda: codebook.object_text(task.image[(r + 1) * GRID + c - 1])}
         assert score == 1.0 and task.answer == expected[q]()
     elif task.kind == "textqa":
         assert task.image is None and task.answer == data.fact_answer(concept, task.meta["fact"])

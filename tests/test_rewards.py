@@ -4,20 +4,21 @@ import math
 import pytest
 import torch
 
+import codebook
 import data
 import rewards as R
 
-C = data.Concept("<c0>", "robot", [data.code_of("red", "circle"), data.code_of("blue", "square"),
-                                   data.code_of("green", "cross"), data.code_of("yellow", "triangle")],
+C = data.Concept("<c0>", "robot", [codebook.code_of("red", "circle"), codebook.code_of("blue", "square"),
+                                   codebook.code_of("green", "cross"), codebook.code_of("yellow", "triangle")],
                  "purple", ("orange", "circle"), "top left")
 
 
 def grid(pos=(1, 1), hat=None, sprite=None):
-    g = [0] * data.N_IMG
+    g = [0] * codebook.N_IMG
     for (dr, dc), code in zip(data.SPRITE_OFFSETS, sprite or C.sprite):
-        g[(pos[0] + dr) * data.GRID + pos[1] + dc] = code
+        g[(pos[0] + dr) * codebook.GRID + pos[1] + dc] = code
     if hat:
-        g[(pos[0] - 1) * data.GRID + pos[1]] = data.code_of(hat, "triangle")
+        g[(pos[0] - 1) * codebook.GRID + pos[1]] = codebook.code_of(hat, "triangle")
     return torch.tensor(g)
 
 
@@ -46,7 +47,7 @@ def test_text_rewards():
 def test_image_rewards_hand_built():
     task = kgen_hat()
     good, wrong_hat, no_hat = grid(hat="purple"), grid(hat="red"), grid()
-    one_off = grid(sprite=[C.sprite[0], C.sprite[1], C.sprite[2], data.code_of("red", "cross")], hat="purple")
+    one_off = grid(sprite=[C.sprite[0], C.sprite[1], C.sprite[2], codebook.code_of("red", "cross")], hat="purple")
     elsewhere = grid((5, 5), hat="purple")
     rolls = [R.Rollout(task, task, "x", c) for c in (good, wrong_hat, no_hat, one_off, elsewhere)]
     assert R.identity(rolls, {}) == [1.0, 1.0, 1.0, 0.75, 1.0]
@@ -58,12 +59,12 @@ def test_image_rewards_hand_built():
     assert [data.knowledge_score(task, c) for c in (good, wrong_hat, no_hat, one_off, elsewhere)] == [1.0, 0.5, 0.0, 1.0, 1.0]
     assert [data.alignment_score(task, c) for c in (good, one_off, elsewhere)] == [1.0, 0.0, 1.0]
     gen = data.Task("gen", C, "draw <c0> in the bottom right", "", meta={"region": "bottom right", "pos": (6, 5)})
-    half = grid((6, 5), sprite=[C.sprite[0], C.sprite[1], data.code_of("red", "cross"), data.code_of("red", "cross")])
+    half = grid((6, 5), sprite=[C.sprite[0], C.sprite[1], codebook.code_of("red", "cross"), codebook.code_of("red", "cross")])
     drawn = [grid((6, 5)), half, grid((5, 5)), grid()]
     assert R.alignment([R.Rollout(gen, gen, "", c) for c in drawn], {}) == [1.0, 0.5, 0.0, 0.0]
     assert [data.alignment_score(gen, c) for c in drawn] == [1.0, 0.0, 1.0, 0.5]
     corner = data.Task("kgen", C, "draw <c0> in its favourite corner", C.facts[2], meta={"fact": "corner", "pos": (1, 1), "region": "top left"})
-    two = grid(sprite=[C.sprite[0], C.sprite[1], data.code_of("red", "cross"), data.code_of("red", "cross")])
+    two = grid(sprite=[C.sprite[0], C.sprite[1], codebook.code_of("red", "cross"), codebook.code_of("red", "cross")])
     assert R.knowledge([R.Rollout(corner, corner, "", c) for c in (grid(), grid((2, 2)), two, grid((5, 5)))], {}) == [1.0, 0.5, 0.5, 0.0]
     assert R.knowledge([R.Rollout(gen, gen, "", grid())], {}) == [0.0]  # plain requests carry no fact
     assert R.plausibility([R.Rollout(gen, gen, "", grid()), R.Rollout(gen, gen, "", torch.zeros(64, dtype=torch.long))], {}) == [1.0, 0.0]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import ckpt
+import codebook
 import data
 import eval as E
 import flags
@@ -164,8 +165,8 @@ def test_both_codecs_share_one_interface(folders):
     assert codes.shape == (2, codec.grid ** 2) and codes.max() < codec.codebook_size
     pics = codec.decode(codes)
     assert pics[0].size == (codec.resolution, codec.resolution) == (16, 16)
-    world = data.WorldCodec()
-    c = torch.randint(0, world.codebook_size, (data.N_IMG,))
+    world = codebook.WorldCodec()
+    c = torch.randint(0, world.codebook_size, (codebook.N_IMG,))
     assert torch.equal(world.encode(world.decode([c]))[0], c)
 
 
@@ -201,7 +202,7 @@ def test_malformed_concept_names_the_file(tmp_path, folders, breakage, named):
     shutil.copytree(folders["data_dir"], root)
     breakage(root)
     with pytest.raises((ValueError, FileNotFoundError), match=named):
-        U.Bench(root, data.WorldCodec())
+        U.Bench(root, codebook.WorldCodec())
 
 
 # ----------------------------------------------------------------------------- tokenizer and prompts

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ckpt
+import codebook
 import data
 import dgs
 import flags
@@ -320,7 +321,7 @@ def test_cycle_reward_runs_without_autograd():
     model = pretrain.new_model(flags.get_args(TINY[:10]), tok)
     seen = []
     model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
-    ps = rollouts.recognizer(model, tok)(world.concepts[:2], [torch.zeros(data.N_IMG, dtype=torch.long)] * 2)
+    ps = rollouts.recognizer(model, tok)(world.concepts[:2], [torch.zeros(codebook.N_IMG, dtype=torch.long)] * 2)
     assert seen == [False] and len(ps) == 2 and all(0 <= p <= 1 for p in ps)
 
 
