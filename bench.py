@@ -43,7 +43,6 @@ import torch
 
 import ckpt
 import codebook
-import data
 import dgs
 import flags
 import loss
@@ -51,6 +50,7 @@ import model as M
 import pretrain
 import rollouts
 import sampling as S
+import tokenizer
 import train
 
 # dense bf16 FLOP/s and HBM bytes/s; the first name contained in torch.cuda.get_device_name() wins
@@ -176,7 +176,7 @@ def build(args, dev):
         targs = flags.get_args([])  # train.py's defaults (4 layers, width 128, 4 heads, MaskGIT) unless overridden
         targs.n_layer, targs.n_embd, targs.n_head = args.layers or 4, args.width or 128, args.heads or 4
         # as pretrain.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
-        tok = data.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
+        tok = tokenizer.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
         return pretrain.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or codebook.N_IMG
     V, K = SHOWO["vocab"], SHOWO["codebook"]
     off, d = V - K - 1, args.width or SHOWO["width"]  # Show-o: text ids, then 8192 codes, then <mask>

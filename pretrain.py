@@ -22,6 +22,7 @@ import model as M
 from ckpt import JsonLog, atomic_write, from_files, outputs, restore, save_checkpoint, say
 from rollouts import held_out_eval
 import sampling as S
+import tokenizer
 import worldio
 
 
@@ -36,7 +37,7 @@ def world_and_tokenizer(args, rank=0):
     world = from_files(worldio.ensure_world, args.data_dir, args.world_seed, args.n_train_concepts, args.n_test_concepts)
     say(rank, f"world: {'read' if made else 'wrote the embedded world to'} {args.data_dir} (seed {world.seed}, "
               f"{len(world.train)} training and {len(world.test)} held-out concepts)")
-    return world, data.WordTokenizer(len(world.concepts))
+    return world, tokenizer.WordTokenizer(len(world.concepts))
 
 
 def new_model(args, tok):

@@ -3,7 +3,7 @@ The Show-o path: Show-o 1.3B (model.load_showo), MAGVIT-v2 (magvit.py), Phi-1.5'
 UnifyBench folder (unifybench.py), all read from local folders and set up for train.py's Sync-GRPO loop.
 
 - `ShowoTokenizer`: a local transformers tokenizer plus Show-o's 10 special tokens, its image codes and
-  the personal-concept tokens, behind data.WordTokenizer's interface, with Show-o's prompting formats:
+  the personal-concept tokens, behind tokenizer.WordTokenizer's interface, with Show-o's prompting formats:
     understanding   <|mmu|> <|soi|> image <|eoi|> <bos> "USER: \\n{context} {question} ASSISTANT:" -> answer <eos>
                     (no image: <bos> "USER: ..." as a plain language-model prompt)
     generation      <|t2i|> <bos> {context} {request}{reasoning} <eos> <|soi|> image <|eoi|>

@@ -19,6 +19,7 @@ import flags
 import loss
 import pretrain
 import rollouts
+import tokenizer
 import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,7 +318,7 @@ def test_bf16_first_ratio_is_one_with_the_scorers_old_logprobs(base, old_lp):
 
 
 def test_cycle_reward_runs_without_autograd():
-    world, tok = data.make_world(0, 8, 2), data.WordTokenizer(10)
+    world, tok = data.make_world(0, 8, 2), tokenizer.WordTokenizer(10)
     model = pretrain.new_model(flags.get_args(TINY[:10]), tok)
     seen = []
     model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
@@ -329,7 +330,7 @@ def test_committed_base_fits_the_default_world_and_flags():
     """The main job starts from base/: it must load and fit the default world's vocabulary and shape flags."""
     model, meta, _ = ckpt.load_checkpoint(T.COMMITTED_BASE)
     args = flags.get_args([])
-    tok = data.WordTokenizer(args.n_train_concepts + args.n_test_concepts)
+    tok = tokenizer.WordTokenizer(args.n_train_concepts + args.n_test_concepts)
     assert model.cfg.vocab_size == tok.vocab_size and model.cfg.image_offset == tok.image_offset
     assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head) == (args.n_layer, args.n_embd, args.n_head)
     assert meta["step"] == args.iters and not model.cfg.image_causal
