@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -209,7 +210,10 @@ def test_ddp_two_cpu_ranks_stay_identical(base, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(root=ROOT, argv=argv, out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as sock:  # a free port: a fixed one fails the test whenever anything else holds it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     str(script)], check=True, env=env, cwd=ROOT, timeout=300)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     base_sd = ckpt.load_checkpoint(str(base / "pretrain"))[0].state_dict()
