@@ -201,7 +201,7 @@ def check_args(p, args):
                 "run without --resume to start this stage afresh")
     lr = {"pretrain": "lr", "rl": "rl_lr"}.get(args.stage)
     if lr and getattr(args, lr) == 0:
-        warn(f"--{lr.replace('_', '-')} 0: the optimizer steps leave the weights unchanged")
+        warn(f"{flag[lr]} 0: the optimizer steps leave the weights unchanged")
 
 
 def warn(msg):

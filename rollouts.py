@@ -9,7 +9,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -31,6 +31,7 @@ MIXES = {"both": ["recognition", "vqa", "textqa", "kgen"], "u": ["recognition", 
          "und": ["recognition", "vqa", "textqa"], "gen": ["kgen", "gen"]}
 
 
+@runtime_checkable
 class World(Protocol):
     """What the RL loop needs of a world; data.World (the embedded benchmark) and unifybench.Bench (a
     real UnifyBench folder) implement it."""
@@ -71,7 +72,7 @@ class Rollouts:
     mask: torch.Tensor | None = None  # [N, L] bool: real answer tokens (<eor> included)
     text_prompts: list[list[int]] | None = None  # [N] the understanding prompt each answer continues
     gen_prompts: list[list[int]] | None = None  # [N] the drawing prompt, reasoning included
-    img: dict | None = None  # the sampler's drawing (model.sample_maskgit / sample_ar): "codes" [N, n_img] long,
+    img: dict | None = None  # the sampler's drawing (sampling.sample_maskgit / sample_ar_image): "codes" [N, n_img] long,
     # "logprobs" [N, n_img] (pi_old of each image token), MaskGIT's "step_of" [N, n_img] (its commit step),
     # "draws" and "pred" (the state a DGS preview resumes from)
     r_text: torch.Tensor | None = None  # [P, G] text part of the ensemble reward

@@ -29,13 +29,13 @@ import eval as E
 import rewards
 import showo
 import unifybench
+import worldio
 from ckpt import (BadInput, JsonLog, all_sum, atomic_write, from_files, has_ckpt, load_checkpoint, load_weights, outputs,
                   read_checkpoint, resolve_ckpt, restore, rng_state, save_checkpoint, say, set_rng_state, setup_dist)
 from flags import get_args
 from loss import advantages, batch_token_mean, compiled, old_logprobs, rescored_old, score_batch, surprising_steps
 from pretrain import clip_and_step, make_optimizer, pretrain, pretrain_batch, pretrain_loss, world_and_tokenizer
 from rollouts import base_diagnostics, collect, diagnostics, diagnostics_table, held_out_eval
-import worldio
 
 
 # The base the main job starts from: `python train.py --stage pretrain` with the default flags writes the

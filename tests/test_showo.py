@@ -183,6 +183,7 @@ def test_unifybench_folder_with_real_images_loads(folders):
     kgen = [t for t in bench.train_tasks if t.kind == "kgen"]
     assert kgen[1].question == "<bo> at its favourite place" and kgen[1].answer == "<bo> likes the beach"
     assert {t.kind for t in bench.test_tasks} == {"recognition", "vqa", "textqa", "kgen", "gen"}
+    assert isinstance(bench, rollouts.World)  # the RL loop's world interface, as the embedded world has it
     tasks = bench.sample_tasks(["vqa"], 3, random.Random(0))
     assert all(t.image.shape == (16,) for t in tasks)
     after = bench.draw_after_answer(tasks[0])

@@ -242,6 +242,7 @@ def test_rollout_plan_mode_u_draws_after_every_understanding_question():
     """Mode u answers recognition, VQA and text-only questions, then draws the concept from the answer;
     mode r draws the knowledge request itself; und draws nothing, gen answers nothing."""
     world = data.make_world(3, 4, 1)
+    assert isinstance(world, rollouts.World)
     tasks = data.make_tasks(world, rollouts.MIXES["both"], 10, seed=0, balanced=True)
     assert sorted({t.kind for t in tasks}) == sorted(rollouts.MIXES["both"])
     for t in tasks:
