@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+import eval as E
 from codebook import CODEBOOK, COLOURS, GRID, N_IMG, SHAPES, WorldCodec, as_list, code_name, code_of, object_text
 
 REGIONS = ["top left", "top right", "bottom left", "bottom right"]
@@ -131,6 +132,7 @@ class World:
     train: list[Concept]
     test: list[Concept]  # held out: never seen in training
     seed: int
+    test_tasks: list["Task"] = field(default_factory=list, compare=False, repr=False)  # read from the folder (worldio)
     codec = WorldCodec()  # not a field: one exact codec for every world
 
     @property
@@ -156,6 +158,48 @@ class World:
         """The cheap DGS scorer on a preview: 0.65 identity + 0.35 alignment, the released CLIP mix
         (0.65 image-to-reference + 0.35 image-to-prompt) with our exact analogues."""
         return [0.65 * identity_score(g.concept, c) + 0.35 * alignment_graded(g, c) for g, c in zip(gens, codes)]
+
+    def held_out(self):
+        """The RL task mix about the held-out concepts: the prompts of the held-out mean reward."""
+        return World(self.test, [], self.seed)
+
+    @torch.no_grad()
+    def evaluate(self, model, tok, args):
+        """Every held-out metric over test_tasks: its mean, its standard error and its per-item scores
+        (for paired comparisons). Text greedy, and sampled at temperature 1 (--eval-draws samples per
+        question); each drawing request drawn --eval-draws times at --eval-temperature. Every sample comes
+        from a fixed seed, so two models are compared under the same sampling noise (argmax MaskGIT commits
+        background everywhere first and draws near-empty images, so drawings are always sampled). An item is
+        a question or a request: the mean over its samples, so the standard error counts prompts, not
+        correlated draws."""
+        model.eval()
+        k, mean = args.eval_draws, E.mean
+        items = {m: [] for m in E.METRICS if m != "recognition"}
+        und = [t for t in self.test_tasks if t.kind in E.UNDERSTAND]
+        gen = [t for t in self.test_tasks if t.kind in ("gen", "kgen")]
+        for chunk in E.batches(und, args.eval_batch):
+            texts, sampled = E.greedy_and_sampled(model, tok, chunk, args)
+            for i, (t, text) in enumerate(zip(chunk, texts)):
+                ok = answer_correct(t, text)
+                if t.kind == "recognition":
+                    items["recognition_neg" if t.answer == "no" else "recognition_pos"].append(ok)
+                else:
+                    items[t.kind].append(ok)
+                    items[t.kind + "_sampled"].append(mean(answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
+        for chunk in E.batches(gen, max(1, args.eval_batch // k)):
+            texts, sampled = E.greedy_and_sampled(model, tok, chunk, args)
+            draw_prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
+            g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
+            codes = E.draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
+            for i, (t, text) in enumerate(zip(chunk, texts)):
+                drawn = codes[i * k:(i + 1) * k]
+                items["identity"].append(mean(identity_score(t.concept, c) for c in drawn))
+                items["alignment"].append(mean(alignment_score(t, c) for c in drawn))
+                if t.kind == "kgen":
+                    items["knowledge"].append(mean(knowledge_score(t, c) for c in drawn))
+                    items["reasoning"].append(answer_correct(t, text))
+                    items["reasoning_sampled"].append(mean(answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
+        return E.summary(items)
 
 
 # One 2x2 shape pattern per class, all distinct (drawn without replacement from the 4^4 patterns), so

@@ -1,5 +1,9 @@
 """
-Held-out evaluation with UnifyBench-style metrics, on the concepts the model never trained on.
+Held-out evaluation, on the concepts the model never trained on: what both worlds share (answers and
+drawings from fixed seeds, per-item summaries with standard errors, paired gains, tables, plots). Each
+world scores its own test split: data.World.evaluate (the embedded world's exact metrics, below) and
+unifybench.Bench.evaluate (a real folder's UnifyBench metrics); rollouts.held_out_eval adds the held-out
+mean reward.
 
   python train.py --stage eval --ckpt out/base        # or any checkpoint folder / run folder
 
@@ -14,13 +18,11 @@ import math
 
 import torch
 
-import data
 import sampling as S
 
 UNDERSTAND = ("recognition", "vqa", "textqa")
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "vqa_sampled", "textqa", "textqa_sampled",
            "identity", "alignment", "knowledge", "reasoning", "reasoning_sampled"]
-GEN_METRICS = ("identity", "alignment", "knowledge")
 
 
 @torch.no_grad()
@@ -50,45 +52,6 @@ def batches(items, n):
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-@torch.no_grad()
-def evaluate(model, tok, tasks, args):
-    """Every metric over the given tasks: its mean, its standard error and its per-item scores (for
-    paired comparisons). Text greedy, and sampled at temperature 1 (--eval-draws samples per question);
-    each drawing request drawn --eval-draws times at --eval-temperature. Every sample comes from a fixed
-    seed, so two models are compared under the same sampling noise (argmax MaskGIT commits background
-    everywhere first and draws near-empty images, so drawings are always sampled). An item is a question
-    or a request: the mean over its samples, so the standard error counts prompts, not correlated draws."""
-    model.eval()
-    k = args.eval_draws
-    items = {m: [] for m in METRICS if m != "recognition"}
-    und = [t for t in tasks if t.kind in UNDERSTAND]
-    gen = [t for t in tasks if t.kind in ("gen", "kgen")]
-    device = model.lm_head.weight.device
-    for chunk in batches(und, args.eval_batch):
-        texts, sampled = greedy_and_sampled(model, tok, chunk, args)
-        for i, (t, text) in enumerate(zip(chunk, texts)):
-            ok = data.answer_correct(t, text)
-            if t.kind == "recognition":
-                items["recognition_neg" if t.answer == "no" else "recognition_pos"].append(ok)
-            else:
-                items[t.kind].append(ok)
-                items[t.kind + "_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
-    for chunk in batches(gen, max(1, args.eval_batch // k)):
-        texts, sampled = greedy_and_sampled(model, tok, chunk, args)
-        draw_prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
-        g = torch.Generator(device).manual_seed(0)
-        codes = draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
-        for i, (t, text) in enumerate(zip(chunk, texts)):
-            drawn = codes[i * k:(i + 1) * k]
-            items["identity"].append(mean(data.identity_score(t.concept, c) for c in drawn))
-            items["alignment"].append(mean(data.alignment_score(t, c) for c in drawn))
-            if t.kind == "kgen":
-                items["knowledge"].append(mean(data.knowledge_score(t, c) for c in drawn))
-                items["reasoning"].append(data.answer_correct(t, text))
-                items["reasoning_sampled"].append(mean(data.answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
-    return summary(items)
 
 
 def summary(items):

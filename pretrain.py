@@ -143,7 +143,6 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     say(rank, f"pretraining the base: {args.iters} steps{f' from step {step}' if step else ''} -> {run_dir}")
     model = DDP(raw) if world_size > 1 else raw
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0, step)
-    held_out = from_files(worldio.load_tasks, args.data_dir, "test")
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="pretrain")
     t0 = time.time() - seconds  # `seconds` counts the training time of the steps logged, across resumes
     while step < args.iters:
@@ -164,10 +163,10 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
                             dict(opt=opt.state_dict(), sched=sched.state_dict(), seconds=time.time() - t0), args.keep)
     bar.close()
     if rank == 0:
-        gen = [t for t in held_out if t.kind in ("gen", "kgen")][:16]
+        gen = [t for t in world.test_tasks if t.kind in ("gen", "kgen")][:16]
         save_samples(os.path.join(run_dir, "samples.png"), raw, tok, gen, args)
-        say(rank, f"evaluating the base on {len(held_out)} held-out tasks")
-        res = held_out_eval(raw, tok, world, held_out, args)
+        say(rank, f"evaluating the base on {len(world.test_tasks)} held-out tasks")
+        res = held_out_eval(raw, tok, world, args)
         print("\n" + E.table({"base": res}, f"held-out concepts of {args.data_dir}, base after {step} pretraining steps"))
         atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=1).encode())
         say(rank, outputs(run_dir))

@@ -36,6 +36,7 @@ class World(Protocol):
     """What the RL loop needs of a world; data.World (the embedded benchmark) and unifybench.Bench (a
     real UnifyBench folder) implement it."""
     codec: object  # image tokenizer: encode(images) -> codes, decode(codes) -> PIL images, grid
+    test_tasks: list[data.Task]  # the held-out questions and drawing requests
 
     def sample_tasks(self, kinds: list[str], n: int, rng: random.Random) -> list[data.Task]:
         """n RL prompts of these task kinds about training concepts."""
@@ -48,6 +49,13 @@ class World(Protocol):
 
     def preview_score(self, gens: list[data.Task], codes: list[torch.Tensor]) -> list[float]:
         """DGS's cheap score of partly drawn images (one per request)."""
+
+    def held_out(self) -> "World":
+        """The same world drawing its RL prompts from held-out material: the held-out mean reward's."""
+
+    def evaluate(self, model, tok, args) -> dict:
+        """The held-out metrics of `model` on test_tasks, as eval.summary gives them: {metric: mean,
+        "se": {metric: standard error}, "items": {metric: per-item scores}} (items paired across models)."""
 
 
 def rollout_plan(task, mix, after=data.draw_after_answer):
@@ -246,15 +254,15 @@ def base_diagnostics(policy, tok, world, args):
     return diagnostics(batch, rolls, args.group)
 
 
-def held_out_eval(policy, tok, world, held_out, args):
-    """UnifyBench-style held-out metrics (eval.evaluate) plus the held-out mean reward: the RL objective
-    itself on --eval-reward-prompts prompts of the run's task mix about held-out concepts, G rollouts
+def held_out_eval(policy, tok, world: World, args):
+    """The world's held-out metrics (World.evaluate) plus the held-out mean reward: the RL objective
+    itself on --eval-reward-prompts prompts of the run's task mix drawn from held-out material, G rollouts
     each, DGS off, from fixed seeds (the same for the base and the trained model: paired)."""
     t0 = time.time()
-    res = E.evaluate(policy, tok, held_out, args)
+    res = world.evaluate(policy, tok, args)
     if args.eval_reward_prompts:
         hargs = argparse.Namespace(**{**vars(args), "rollouts": args.eval_reward_prompts * args.group, "dgs": 0})
-        batch, _, _ = collect(policy, tok, data.World(world.test, [], world.seed), hargs, 0, -2, None)
+        batch, _, _ = collect(policy, tok, world.held_out(), hargs, 0, -2, None)
         per_prompt = batch.reward().mean(1).tolist()
         res["reward"], res["se"]["reward"], res["items"]["reward"] = E.mean(per_prompt), E.stderr(per_prompt), per_prompt
     res["seconds"] = round(time.time() - t0, 1)

@@ -154,17 +154,17 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     dgs_state, step, before = dgs.DGSState(target=args.dgs_target), 0, None
     run_dir = os.path.join(args.out_dir, "rl")
     os.makedirs(run_dir, exist_ok=True)
-    held_out = None if args.showo_dir else from_files(worldio.load_tasks, args.data_dir, "test")  # metrics need the exact world
+    evaluates = not args.showo_dir  # a Show-o run is evaluated apart, by --stage eval (its test split at 1.3B)
     if args.resume:
         step, state = restore(run_dir, policy, opt, sched)
         dgs_state = dgs.DGSState.from_dict(state["dgs"])
         set_rng_state(state["rng"])
         before = state["before"]
-    if rank == 0 and before is None and args.eval_base and held_out:
+    if rank == 0 and before is None and args.eval_base and evaluates:
         before = base_eval
         if before is None:
-            say(rank, f"evaluating the base on {len(held_out)} held-out tasks")
-            before = held_out_eval(policy, tok, world, held_out, args)
+            say(rank, f"evaluating the base on {len(world.test_tasks)} held-out tasks")
+            before = held_out_eval(policy, tok, world, args)
     model = DDP(policy) if world_size > 1 else policy
     F = compiled(args)
     log = JsonLog(os.path.join(run_dir, "metrics.jsonl"), rank == 0, step)
@@ -215,9 +215,9 @@ def rl(args, rank=0, world_size=1, device="cpu"):
         if len(by_step) >= 10:
             say(rank, f"training reward: last 5 steps - first 5 = {rise['rise']:+.3f}, {rise['ratio']:.1f}x the residual "
                       f"step-to-step std ({rise['residual_std']:.3f})")
-    if rank == 0 and step == args.rl_iters and held_out:
-        say(rank, f"evaluating the RL model on {len(held_out)} held-out tasks")
-        after = held_out_eval(policy, tok, world, held_out, args)
+    if rank == 0 and step == args.rl_iters and evaluates:
+        say(rank, f"evaluating the RL model on {len(world.test_tasks)} held-out tasks")
+        after = held_out_eval(policy, tok, world, args)
         title = f"held-out concepts of {args.data_dir}: {'the base, ' if before else ''}after {step} Sync-GRPO steps"
         print("\n" + (E.gain_table(before, after, title + ", and the paired gain") if before else E.table({"sync-grpo": after}, title)))
         cols = ({"base": before} if before else {}) | {"sync-grpo": after}
@@ -272,9 +272,8 @@ def run_eval(args):
                  test_concepts=len(world.test))
     out = os.path.join(resolve_ckpt(args.ckpt), f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
     check_eval_file(out, where)
-    held_out = from_files(worldio.load_tasks, args.data_dir, "test")
-    say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(held_out)} held-out tasks")
-    res = held_out_eval(model, tok, world, held_out, args)
+    say(0, f"evaluating {resolve_ckpt(args.ckpt)} on {len(world.test_tasks)} held-out tasks")
+    res = held_out_eval(model, tok, world, args)
     write_eval(out, where, resolve_ckpt(args.ckpt), res, f"held-out concepts of {args.data_dir} (seed {world.seed})")
     return res
 
@@ -296,39 +295,38 @@ def write_eval(out, where, checkpoint, res, title, order=None):
 
 
 def run_showo_eval(args):
-    """UnifyBench metrics of Show-o on a real folder's test split (unifybench.evaluate): the --showo-dir
-    model with fresh concept tokens, or an RL run of it (--ckpt, sampled as it was trained). Written as
-    eval_<folder>.json next to the checkpoint, or into <out-dir>/eval without one."""
+    """UnifyBench metrics and the held-out mean reward (rollouts.held_out_eval) of Show-o on a real
+    folder's test split: the --showo-dir model with fresh concept tokens, or an RL run of it (--ckpt,
+    sampled and rewarded as it was trained). Written as eval_<folder>.json next to the checkpoint, or
+    into <out-dir>/eval without one."""
     path, meta, weights, _ = read_checkpoint(args.ckpt, load_state=False) if args.ckpt else (None, {}, None, None)
-    for k in ("cfg", "steps", "maskgit_sampler", "max_text", "concept_tokens"):  # its sampling and its vocabulary
+    # its sampling, its vocabulary and its reward (the held-out mean reward is the objective it trained on)
+    for k in ("cfg", "steps", "maskgit_sampler", "max_text", "concept_tokens", "tasks", "group", "reward_style",
+              *[f"w_{name}" for name in rewards.DEFAULT_WEIGHTS]):
         setattr(args, k, meta.get("args", {}).get(k, getattr(args, k)))
-    # no frozen reference copy; the metrics say themselves which scorers are missing
-    eargs = argparse.Namespace(**{**vars(args), "beta": 0.0, "dgs": 0, "concept_rows_only": False,
-                                  **{f"w_{k}": 0.0 for k in rewards.REAL_ONLY}})
+    eargs = argparse.Namespace(**{**vars(args), "beta": 0.0, "dgs": 0, "concept_rows_only": False})  # no frozen reference
     device = "cuda" if torch.cuda.is_available() else "cpu"
     world, tok, policy, _ = from_files(showo.setup, eargs, device)
     if weights is not None:
         load_weights(policy, weights, path)
-    args.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
+    eargs.image_mode = "ar" if policy.cfg.image_causal else "maskgit"
     where = dict(data_dir=os.path.abspath(args.data_dir), concepts=[c.name for c in world.concepts])
     folder = path or os.path.join(args.out_dir, "eval")
     out = os.path.join(folder, f"eval_{os.path.basename(where['data_dir'])}.json")
     check_eval_file(out, where)
-    tasks = world.test_tasks
-    if not tasks:
+    if not world.test_tasks:
         raise BadInput(f"{args.data_dir}: no test tasks (concept/test/<name>/vqa.json, text_only.json, t2i_conditions.json)")
-    skipped = unifybench.skipped(world, tasks)
+    skipped = unifybench.skipped(world, world.test_tasks)
     if skipped:
         say(0, "skipped: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()))
     checkpoint = path or os.path.abspath(args.showo_dir)
-    say(0, f"evaluating {checkpoint} on {len(tasks)} test tasks (CFG {args.cfg}, {args.steps} MaskGIT steps, "
-           f"{args.eval_draws} drawings per request)")
-    t0 = time.time()
-    with amp(args, device):
-        res = unifybench.evaluate(policy, tok, world, tasks, args)
-    res.update(seconds=round(time.time() - t0, 1), skipped=skipped)
+    say(0, f"evaluating {checkpoint} on {len(world.test_tasks)} test tasks (CFG {args.cfg}, {args.steps} MaskGIT steps, "
+           f"{args.eval_draws} drawings per request, held-out reward on {args.eval_reward_prompts} prompts x G {args.group})")
+    with amp(eargs, device):
+        res = held_out_eval(policy, tok, world, eargs)
+    res.update(skipped=skipped)
     os.makedirs(folder, exist_ok=True)
-    write_eval(out, where, checkpoint, res, f"test split of {args.data_dir}", unifybench.METRICS)
+    write_eval(out, where, checkpoint, res, f"test split of {args.data_dir}", unifybench.METRICS + ["reward"])
     return res
 
 

@@ -20,6 +20,7 @@ uses it. RL tasks: mode u asks the conversations' questions about a reference im
 personalized requests of t2i_conditions.json with the aligned extra_info fact as the reasoning to state.
 `evaluate` measures a model on the test split (train.py --stage eval --showo-dir ...).
 """
+import copy
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -248,6 +249,16 @@ class Bench:
 
     def preview_score(self, gens, codes):
         return rewards.clip_preview_score(gens, codes, self.reward_ctx())
+
+    def held_out(self):
+        """The folder with its test split as the RL pool: the prompts of the held-out mean reward
+        (UnifyBench holds out a concept's test files, not whole concepts)."""
+        out = copy.copy(self)
+        out.train_tasks = self.test_tasks
+        return out
+
+    def evaluate(self, model, tok, args):
+        return evaluate(model, tok, self, self.test_tasks, args)
 
 
 def first_sentence(text):

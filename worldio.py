@@ -219,7 +219,7 @@ def load_tasks(root, split: str) -> list[Task]:
 
 
 def ensure_world(root, seed, n_train=24, n_test=8) -> World:
-    """Load the world under root, making and writing it first if there is none."""
+    """Load the world under root with its held-out tasks, making and writing it first if there is none."""
     root = Path(root)
     if not (root / "world.json").exists():
         write_world(make_world(seed, n_train, n_test), root)
@@ -227,7 +227,7 @@ def ensure_world(root, seed, n_train=24, n_test=8) -> World:
     if world.seed != seed:
         raise ValueError(f"{root / 'world.json'} holds the world of seed {world.seed}, "
                          f"not {seed}; use another root")
-    return world
+    return replace(world, test_tasks=load_tasks(root, "test"))  # metrics need the exact files
 
 
 

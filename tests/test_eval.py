@@ -22,7 +22,7 @@ def test_constant_answer_scores_half_on_recognition(monkeypatch):
     args = argparse.Namespace(eval_batch=16, max_text=4, eval_draws=2)
     for const in ("yes", "no"):
         monkeypatch.setattr(E, "answer", lambda model, tok, prompts, *a, **k: ([const] * len(prompts),))
-        res = E.evaluate(_Dummy(), _TaskTok(), tasks, args)
+        res = data.World([], [], 0, test_tasks=tasks).evaluate(_Dummy(), _TaskTok(), args)
         assert res["recognition"] == 0.5
         assert res["recognition_pos" if const == "yes" else "recognition_neg"] == 1.0
 
@@ -30,7 +30,7 @@ def test_constant_answer_scores_half_on_recognition(monkeypatch):
 def test_perfect_answers_score_one(monkeypatch):
     tasks = fake_tasks()
     monkeypatch.setattr(E, "answer", lambda model, tok, prompts, *a, **k: ([t.answer for t in prompts],))
-    res = E.evaluate(_Dummy(), _TaskTok(), tasks, argparse.Namespace(eval_batch=16, max_text=4, eval_draws=2))
+    res = data.World([], [], 0, test_tasks=tasks).evaluate(_Dummy(), _TaskTok(), argparse.Namespace(eval_batch=16, max_text=4, eval_draws=2))
     assert res["recognition"] == res["recognition_pos"] == res["recognition_neg"] == 1.0
 
 

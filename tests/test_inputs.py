@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt
+import data
 import flags
 import pretrain
 import train as T
@@ -162,8 +163,8 @@ def test_save_cleans_a_killed_save_and_keeps_normal_modes(tmp_path):
 
 
 def test_main_job_evaluates_the_base_once_and_says_each_phase(tmp_path, monkeypatch, capsys):
-    calls, evaluate = [], T.E.evaluate
-    monkeypatch.setattr(T.E, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    calls, evaluate = [], data.World.evaluate
+    monkeypatch.setattr(data.World, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
     T.rl(tiny_args(tmp_path, "--iters", "2", "--rl-iters", "1", "--rollouts", "4", "--group", "4", "--mu", "1",
                    "--dgs", "0", "--no-compile", "--rl-warmup", "1"))
     out = capsys.readouterr().out

@@ -188,6 +188,9 @@ def test_unifybench_folder_with_real_images_loads(folders):
     assert all(t.image.shape == (16,) for t in tasks)
     after = bench.draw_after_answer(tasks[0])
     assert after.kind == "gen" and after.answer == tasks[0].answer and after.concept is tasks[0].concept
+    held = bench.held_out().sample_tasks(["vqa", "kgen"], 20, random.Random(0))  # the held-out reward's prompts
+    assert {t.meta["source"] for t in held if t.kind == "vqa"} == {"vqa.json"}  # the test split's questions
+    assert {t.meta["source"] for t in tasks} == {"conversations.json"}  # RL's: the train split's
 
 
 @pytest.mark.parametrize("breakage, named", [
@@ -351,7 +354,7 @@ def test_bad_showo_flags_fail_clearly(folders, capsys):
 
 # ----------------------------------------------------------------------------- evaluation on the test split
 
-TINY_EVAL = ["--stage", "eval", "--maskgit-steps", "2", "--eval-draws", "2", "--max-text", "4"]
+TINY_EVAL = ["--stage", "eval", "--maskgit-steps", "2", "--eval-draws", "2", "--max-text", "4", "--eval-reward-prompts", "2", "--group", "2"]
 
 
 def test_recognition_items_of_the_released_test_files(folders):
@@ -396,8 +399,8 @@ def test_eval_stage_on_the_showo_path(tmp_path, folders, capsys):
     assert saved["world"] == {"data_dir": folders["data_dir"], "concepts": ["bo", "mug"]}
     assert saved["checkpoint"] == os.path.abspath(folders["showo_dir"])
     res = saved["metrics"]
-    assert list(res["se"]) == U.METRICS and res["skipped"] == {}
-    assert all(0 <= res[m] <= 1 for m in U.METRICS if m not in ("clip_i", "clip_t", "dino"))
+    assert list(res["se"]) == U.METRICS + ["reward"] and res["skipped"] == {}
+    assert all(0 <= res[m] <= 1 for m in U.METRICS + ["reward"] if m not in ("clip_i", "clip_t", "dino"))
     assert len(res["items"]["knowledge"]) == 4 and len(res["items"]["clip_i"]) == 6  # kgen requests; kgen + plain
     out = capsys.readouterr().out
     assert "| knowledge |" in out and "skipped" not in out

@@ -243,6 +243,9 @@ def test_rollout_plan_mode_u_draws_after_every_understanding_question():
     mode r draws the knowledge request itself; und draws nothing, gen answers nothing."""
     world = data.make_world(3, 4, 1)
     assert isinstance(world, rollouts.World)
+    wide = data.make_world(3, 4, 3)
+    held = wide.held_out().sample_tasks(rollouts.MIXES["both"], 8, random.Random(0))  # the held-out reward's prompts
+    assert {tuple(t.concept.sprite) for t in held} <= {tuple(c.sprite) for c in wide.test}  # held-out concepts, fresh ids
     tasks = data.make_tasks(world, rollouts.MIXES["both"], 10, seed=0, balanced=True)
     assert sorted({t.kind for t in tasks}) == sorted(rollouts.MIXES["both"])
     for t in tasks:
