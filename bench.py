@@ -5,6 +5,8 @@ Speed and memory of nanosync's hot paths, each timed next to its slow twin in th
   OMP_NUM_THREADS=1 python bench.py --compile 0      # skip the torch.compile rows (~1 min less on a CPU)
   python bench.py --preset showo --device cuda       # Show-o 1.3B shape, random weights, bf16 autocast + SDPA
   OMP_NUM_THREADS=1 python bench.py --rl-step        # + one real train.py Sync-GRPO step: rollout/reward/update shares
+  python bench.py --memory-options out/showo_random --threads 2   # only: one full-shape step per memory option
+                                                     # (folder from tests/showo_fixture.py --shape full; ~8-12 min each on 2 CPU cores)
 
 Throughput is measured on a rollout batch of --prompts x --group rows (train.py's default: 4 x 8);
 the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean the fast path wins:
@@ -23,6 +25,10 @@ the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean th
   formulas_compiled_vs_eager loss.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
   logprob_chunked_time       chunked / full-logits log-prob + loss, forward + backward (< 1 is faster)
   logprob_chunked_memory     peak memory of the same, chunked / full
+  memory_options             --memory-options: one train.py Sync-GRPO step per way of bounding the update's
+                             memory (concept rows only, gradient checkpointing, one MaskGIT step backpropagated
+                             at a time), each in its own process: wall time, peak resident memory (a process
+                             past --memory-limit is stopped: does not fit), first-update ratio deviation
 Every fast path is checked against its twin in the run (equal tokens/codes, log-probs within 1e-5).
 Peak memory: CUDA max_memory_allocated; CPU peak resident set (VmHWM, reset per section through
 /proc/self/clear_refs). On CUDA also MFU and memory-bandwidth utilisation against the peak table.
@@ -34,7 +40,10 @@ import copy
 import ctypes
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -86,6 +95,8 @@ def get_args(argv=None):
     a("--rl-base", default=None, help="--rl-step: base checkpoint to load (default: random weights)")
     a("--rl-profile", type=int, default=0, help="--rl-step: print this many top ops (by self CPU time) of the profiled fast RL step (0 = no profile)")
     a("--data-dir", default="out/world", help="--rl-step: embedded world folder (written there if missing)")
+    a("--memory-options", default=None, help="folder of tests/showo_fixture.py (any shape): run only the memory-option steps on it")
+    a("--memory-limit", type=float, default=22.0, help="--memory-options: stop a step past this resident memory (GB)")
     a("--reps", type=int, default=3, help="timed repeats after one warm-up; the median is reported (int)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default / OMP_NUM_THREADS)")
     a("--seed", type=int, default=0, help="seed of weights, prompts and sampling (int)")
@@ -438,6 +449,63 @@ def bench_rl_step(args, res):
     res["rl_step_fast_vs_slow"] = dict(ratio=out["slow"]["seconds"] / out["fast"]["seconds"])
 
 
+MEMORY_OPTIONS = {  # name -> train.py flags; the last also takes pi_old from the sampler, for the bf16 ratio
+    "rows + ckpt + step-backward": ["--concept-rows-only", "--grad-ckpt", "--step-backward"],
+    "rows + ckpt": ["--concept-rows-only", "--grad-ckpt"],
+    "rows + step-backward": ["--concept-rows-only", "--no-grad-ckpt", "--step-backward"],
+    "ckpt + step-backward, every weight trained": ["--grad-ckpt", "--step-backward"],
+    "rows + ckpt + step-backward, pi_old from the sampler": ["--concept-rows-only", "--grad-ckpt", "--step-backward",
+                                                             "--old-lp", "sampler"],
+}
+
+
+def bench_memory_options(args, res):
+    """One Sync-GRPO step of train.py --preset showo (bf16, 2 rollouts, G 2, beta 0, mu 1, --maskgit-steps,
+    --update-steps) on a tests/showo_fixture.py folder per memory option, each in a fresh process so that
+    its peak resident memory (ru_maxrss of that child) is its own."""
+    root, out = os.path.abspath(args.memory_options), {}
+    folders = {k: os.path.join(root, name) for k, name in (("showo-dir", "showo"), ("magvit-dir", "magvit"),
+               ("tokenizer-dir", "tokenizer"), ("clip-dir", "clip"), ("dino-dir", "dino"), ("data-dir", "data"))}
+    if not all(os.path.isdir(f) for f in folders.values()):
+        raise SystemExit(f"--memory-options {root}: expected the folders of tests/showo_fixture.py ({', '.join(folders)})")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.join(here, "tests"))  # the fixture's judge
+    for name, extra in MEMORY_OPTIONS.items():
+        run_dir = tempfile.mkdtemp(prefix="memopt")
+        cmd = [sys.executable, os.path.join(here, "train.py"), "--preset", "showo", "--bf16", "--beta", "0",
+               "--group", "2", "--rollouts", "2", "--dgs", "0", "--mu", "1", "--rl-iters", "1", "--no-compile",
+               "--diag-prompts", "0", "--maskgit-steps", str(args.steps), "--update-steps", str(args.update_steps),
+               "--threads", str(args.threads), "--judge", "showo_fixture:judge_not_dark", "--out-dir", run_dir,
+               *[x for k, v in folders.items() for x in ("--" + k, v)], *extra]
+        t0, peak_kb, fits = time.time(), 0, True
+        log = open(os.path.join(run_dir, "log.txt"), "w+")
+        child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while child.poll() is None:  # the limit is checked from outside: an out-of-memory kill would take the machine
+            with contextlib.suppress(OSError, StopIteration), open(f"/proc/{child.pid}/status") as f:
+                peak_kb = max(peak_kb, next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")))
+            if peak_kb > args.memory_limit * 2**20:
+                child.kill()
+                fits = False
+            time.sleep(0.5)
+        row = dict(flags=" ".join(extra), seconds=round(time.time() - t0, 1), fits=fits, peak_gb=peak_kb / 2**20)
+        metrics = os.path.join(run_dir, "rl", "metrics.jsonl")
+        if fits and child.returncode == 0 and os.path.isfile(metrics):
+            with open(metrics) as f:
+                m = json.loads(f.readline())
+            row.update({k: m[k] for k in ("t_rollout", "t_reward", "t_update", "text_ratio_dev_first", "image_ratio_dev_first")})
+        elif fits:
+            log.seek(0)
+            row["error"] = log.read()[-2000:]
+        log.close()
+        out[name] = row
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"{name:52s}", f"does not fit: stopped past {row['peak_gb']:.1f} GB after {row['seconds']:.0f} s" if not fits else
+              f"failed: {row['error'].strip().splitlines()[-1]}" if "error" in row else
+              f"{row['seconds']:5.0f} s, peak {row['peak_gb']:4.1f} GB (rollouts {row['t_rollout']:.0f} s, update {row['t_update']:.0f} s); "
+              f"first-update ratio deviation text {row['text_ratio_dev_first']:.1e}, image {row['image_ratio_dev_first']:.1e}", flush=True)
+    res["memory_options"] = out
+
+
 # ----------------------------------------------------------------------------- main
 
 TARGETS = {"decode_vs_naive": (">=", 3.0), "decode_vs_hf_generate": (">=", 1.5), "cfg_batched_vs_two_pass": (">=", 1.5),
@@ -454,6 +522,9 @@ def main(argv=None):
     dev = torch.device(args.device)
     res = dict(args=vars(args), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                threads=torch.get_num_threads())
+    if args.memory_options:
+        bench_memory_options(args, res)
+        return write_json(res, args.out)
     model, tok, n_img = build(args, dev)
     res["model"] = dict(n_layer=model.cfg.n_layer, n_embd=model.cfg.n_embd, n_head=model.cfg.n_head, vocab=model.cfg.vocab_size,
                         image_tokens=n_img, params=sum(p.numel() for p in model.parameters()))
@@ -473,10 +544,14 @@ def main(argv=None):
     res["targets"] = {k: dict(target=f"{op} {v}", met=None if r is None else (r >= v if op == ">=" else r <= v))
                       for (k, (op, v)), r in zip(TARGETS.items(), res["ratios"].values())}
     report(res)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    return write_json(res, args.out)
+
+
+def write_json(res, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
     return res
 
 

@@ -345,21 +345,23 @@ def test_step_backward_gives_the_all_at_once_gradient(estimator, reuse, ckpt):
 
 
 def test_answer_scoring_with_shared_prompts_equals_full_rows():
-    """Text scoring with each distinct prompt run once (a group's rollouts share it): the same hidden
-    states at every valid answer position, and the same gradient; prompts with an image block included."""
+    """Text scoring with each distinct prompt run once (a group's rollouts share it), with and without
+    gradient checkpointing (the prompt's blocks checkpointed one by one): the same hidden states at every
+    valid answer position as full rows, and the same gradient; prompts with an image block included."""
     m = tiny()
     prompts = [[1, 4, BOI, OFF + 2, OFF + 5, EOI, 6]] * 3 + [[2, 7, 6]] * 2
     toks = torch.randint(1, 30, (5, 4))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     out = []
-    for reuse in (True, False):
+    for reuse, m.grad_ckpt in ((True, True), (True, False), (False, False)):
         m.zero_grad()
         h = S.answer_hidden(m, prompts, toks, mask, 0, reuse_prompt=reuse)
         lp, _ = S.token_logprobs(m, h, torch.where(mask, toks, -1))
         lp.sum().backward()
         out.append((h[mask].detach(), [p.grad.clone() for p in m.parameters()]))
-    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
+    for h, grads in out[:2]:
+        assert torch.allclose(h, out[2][0], atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, out[2][1]))
 
 
 def test_text_sampler_prefills_each_distinct_prompt_once():
