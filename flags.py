@@ -98,7 +98,8 @@ def get_args(argv=None):
            "update's scoring (--no-kv-reuse recomputes the whole sequence per step; same codes and log-probs)")
     a("--step-backward", action="store_true",
       help="MaskGIT update: backpropagate one scored step at a time (each step's forward recomputed in backward), "
-           "so peak memory holds one step's activations whatever --update-steps; costs one more image forward")
+           "so peak memory holds one step's activations whatever --update-steps; costs one more image forward "
+           "(on top of --grad-ckpt with --image-estimator all it raised peak memory at 1.3B: README, Performance)")
     a("--old-lp", default="auto", choices=["auto", "sampler", "scorer"],
       help="pi_old of the clipped ratio: sampler = log-probs stored at sampling; scorer = one no-grad scoring pass "
            "before the first update (ratio 1 there up to the scorer's own determinism; one more forward); "
