@@ -477,26 +477,27 @@ def bench_memory_options(args, res):
                "--diag-prompts", "0", "--maskgit-steps", str(args.steps), "--update-steps", str(args.update_steps),
                "--threads", str(args.threads), "--judge", "showo_fixture:judge_not_dark", "--out-dir", run_dir,
                *[x for k, v in folders.items() for x in ("--" + k, v)], *extra]
-        t0, peak_kb, fits = time.time(), 0, True
-        log = open(os.path.join(run_dir, "log.txt"), "w+")
-        child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while child.poll() is None:  # the limit is checked from outside: an out-of-memory kill would take the machine
-            with contextlib.suppress(OSError, StopIteration), open(f"/proc/{child.pid}/status") as f:
-                peak_kb = max(peak_kb, next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")))
-            if peak_kb > args.memory_limit * 2**20:
-                child.kill()
-                fits = False
-            time.sleep(0.5)
-        row = dict(flags=" ".join(extra), seconds=round(time.time() - t0, 1), fits=fits, peak_gb=peak_kb / 2**20)
+        t0, fits = time.time(), True
+        with open(os.path.join(run_dir, "log.txt"), "w+") as log:
+            child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            while not (done := os.wait4(child.pid, os.WNOHANG))[0]:
+                # the limit is checked from outside: an out-of-memory kill could take the machine with it
+                with contextlib.suppress(OSError, StopIteration), open(f"/proc/{child.pid}/status") as f:
+                    if next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) > args.memory_limit * 2**20:
+                        child.kill()
+                        fits = False
+                time.sleep(0.5)
+            child.returncode = os.waitstatus_to_exitcode(done[1])
+            log.seek(0)
+            tail = log.read()[-2000:]
+        row = dict(flags=" ".join(extra), seconds=round(time.time() - t0, 1), fits=fits, peak_gb=done[2].ru_maxrss / 2**20)
         metrics = os.path.join(run_dir, "rl", "metrics.jsonl")
         if fits and child.returncode == 0 and os.path.isfile(metrics):
             with open(metrics) as f:
                 m = json.loads(f.readline())
             row.update({k: m[k] for k in ("t_rollout", "t_reward", "t_update", "text_ratio_dev_first", "image_ratio_dev_first")})
         elif fits:
-            log.seek(0)
-            row["error"] = log.read()[-2000:]
-        log.close()
+            row["error"] = tail
         out[name] = row
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"{name:52s}", f"does not fit: stopped past {row['peak_gb']:.1f} GB after {row['seconds']:.0f} s" if not fits else

@@ -231,20 +231,20 @@ class UnifiedModel(nn.Module):
         In a training forward with gradient checkpointing each block runs checkpointed and hands out its
         keys and values instead of writing a shared cache: the prompt then keeps only its blocks' inputs
         (kept whole, an understanding prompt's 1,024-token image held 10 GB of activations at 1.3B)."""
-        cache = self.new_cache(*ids.shape)
         if not (self.grad_ckpt and torch.is_grad_enabled()):
+            cache = self.new_cache(*ids.shape)
             self.hidden(ids, valid, cache=cache)
             return cache
         x, mask = self.embed_tokens(ids), self.omni_mask(ids, valid)
         cos, sin = self.rope((valid.long().cumsum(1) - 1).clamp(min=0), x.dtype)  # as hidden()
 
-        def block_kv(block, x, k, v):
-            kv = [k.clone(), v.clone()]  # written in place by the block: fresh at each (re)computation
+        def block_kv(block, x):
+            kv = list(self.new_cache(*ids.shape, n_layer=1)[0])  # written in place by the block, fresh at each (re)computation
             return block(x, cos, sin, mask, kv, 0), *kv
 
         out = []
-        for block, (k, v) in zip(self.layers, cache):
-            x, k, v = checkpoint(block_kv, block, x, k, v, use_reentrant=False)
+        for block in self.layers:
+            x, k, v = checkpoint(block_kv, block, x, use_reentrant=False)
             out.append((k, v))
         return out
 
@@ -259,12 +259,12 @@ class UnifiedModel(nn.Module):
     def logits(self, idx, valid=None):
         return self.lm_head(self.hidden(idx, valid))
 
-    def new_cache(self, B, T):
+    def new_cache(self, B, T, n_layer=None):
         c, hd = self.cfg, self.cfg.n_embd // self.cfg.n_head
         p = self.lm_head.weight
         dt = p.device.type  # under autocast, keys and values come out in the autocast dtype
         kw = dict(dtype=torch.get_autocast_dtype(dt)) if torch.is_autocast_enabled(dt) else {}
-        return [(p.new_zeros(B, c.n_head, T, hd, **kw), p.new_zeros(B, c.n_head, T, hd, **kw)) for _ in range(c.n_layer)]
+        return [(p.new_zeros(B, c.n_head, T, hd, **kw), p.new_zeros(B, c.n_head, T, hd, **kw)) for _ in range(n_layer or c.n_layer)]
 
 
 # ----------------------------------------------------------------------------- loading weights

@@ -411,13 +411,18 @@ def test_eval_stage_on_the_showo_path(tmp_path, folders, capsys):
             in capsys.readouterr().out)
 
 
-def test_eval_of_an_rl_checkpoint_writes_next_to_it_and_keeps_other_results(tmp_path, folders):
+def test_eval_of_an_rl_checkpoint_writes_next_to_it_and_keeps_other_results(tmp_path, folders, monkeypatch):
     T.main(F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--no-bf16"] + TINY_RL)
     argv = F.flags(folders) + TINY_EVAL + ["--ckpt", str(tmp_path / "rl"), "--no-bf16"]  # its 2 concept tokens come from the run
+    seen, held_out_eval = [], T.held_out_eval
+    monkeypatch.setattr(T, "held_out_eval", lambda policy, tok, world, a: seen.append(a) or held_out_eval(policy, tok, world, a))
     T.main(argv)
+    # the held-out reward is the run's objective: its G and reward weights, not this command's (G 2, no CLIP-I)
+    assert (seen[0].group, seen[0].w_clip_i, seen[0].w_text_bleu) == (3, 0.26, 0.35)
     step = tmp_path / "rl" / "step_000001"
     saved = json.loads((step / "eval_data.json").read_text())
     assert saved["checkpoint"] == str(step) and "clip_i" in saved["metrics"]
+    assert len(saved["metrics"]["items"]["reward"]) == 2  # --eval-reward-prompts 2
     (step / "eval_data.json").write_text(json.dumps({"world": {"data_dir": "/other/data"}}))
     with pytest.raises(ckpt.BadInput, match="holds the results of another world"):
         T.main(argv)
