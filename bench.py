@@ -12,23 +12,24 @@ Throughput is measured on a rollout batch of --prompts x --group rows (train.py'
 the side-by-side comparisons run on one group (--group rows). Ratios > 1 mean the fast path wins:
   decode_vs_naive            static KV cache vs recomputing the whole sequence per token
   decode_vs_hf_generate      our eager decode vs transformers PhiForCausalLM.generate, same weights, greedy
-                             (the JSON also has ratio_compiled: with the compiled step, --compile 1)
-  decode_compiled_vs_eager   torch.compile'd single-token step vs the eager step (--compile 1)
-  cfg_batched_vs_two_pass    MaskGIT with cond+uncond rows in one forward vs two forwards per step
+  cfg_batched_vs_two_pass    MaskGIT with cond+uncond rows in one forward vs two forwards per step (the
+                             two-pass twin lives here: TwoPass splits each step's forward of sample_maskgit)
   maskgit_kv_reuse_vs_recompute  MaskGIT with each distinct prompt's keys/values computed once vs the
                              whole sequence recomputed at every step (one group: G rows of one prompt)
-  scorer_kv_reuse_vs_recompute   the update's scoring (text + MaskGIT, forward + backward) with distinct
-                             prompts run once vs every row's full sequence
-  step_backward_memory       peak memory of the MaskGIT scorer's backward, one step at a time / all at
-                             once, every step scored (< 1 is smaller; time and gradient difference beside)
-  rl_step_fast_vs_slow       --rl-step: one train.py RL step with --no-kv-reuse / with the fast paths
-  formulas_compiled_vs_eager loss.compiled loss formulas (advantages, clip, k3, segment mean) vs eager
+  scorer_kv_reuse_vs_recompute   the update's scoring (train.score_batch: text + MaskGIT, forward + backward)
+                             with distinct prompts run once vs every row's full sequence
+  rl_step_fast_vs_slow       --rl-step: one train.py RL step (train.collect, then train.rl_update) with every
+                             prompt recomputed (sampling's decode, draw, answer_hidden and maskgit_logprobs with
+                             reuse_prompt=False, swapped in on the sampling module for that step only) / with
+                             the fast paths, from the same weights and seed
+  formulas_compiled_vs_eager train.py's loss formulas (group advantages, clip, k3, segment mean) through
+                             train.formula's torch.compile vs their .eager functions
   logprob_chunked_time       chunked / full-logits log-prob + loss, forward + backward (< 1 is faster)
   logprob_chunked_memory     peak memory of the same, chunked / full
   memory_options             --memory-options: one train.py Sync-GRPO step per way of bounding the update's
-                             memory (concept rows only, gradient checkpointing, one MaskGIT step backpropagated
-                             at a time), each in its own process: wall time, peak resident memory (a process
-                             past --memory-limit is stopped: does not fit), first-update ratio deviation
+                             memory (concept rows only, gradient checkpointing), each in its own process: wall
+                             time, peak resident memory (a process past --memory-limit is stopped: does not
+                             fit), first-update ratio deviation
 Every fast path is checked against its twin in the run (equal tokens/codes, log-probs within 1e-5).
 Peak memory: CUDA max_memory_allocated; CPU peak resident set (VmHWM, reset per section through
 /proc/self/clear_refs). On CUDA also MFU and memory-bandwidth utilisation against the peak table.
@@ -38,6 +39,8 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -51,16 +54,13 @@ from types import SimpleNamespace
 import torch
 
 import ckpt
-import codebook
 import dgs
 import flags
-import loss
 import model as M
 import pretrain
-import rollouts
 import sampling as S
-import tokenizer
 import train
+from world import codebook, tokenizer
 
 # dense bf16 FLOP/s and HBM bytes/s; the first name contained in torch.cuda.get_device_name() wins
 PEAKS = [("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12),
@@ -83,15 +83,16 @@ def get_args(argv=None):
     a("--update-steps", type=int, default=0, help="MaskGIT steps scored per update (0 = preset's: 2 tiny as train.py, 1 showo)")
     a("--layers", type=int, default=0, help="override the preset's transformer blocks (0 = preset's)")
     a("--width", type=int, default=0, help="override the preset's width (0 = preset's)")
-    a("--heads", type=int, default=0, help="override the preset's attention heads (0 = preset's)")
+    a("--heads", type=int, default=0, help="override the preset's attention heads (0 = preset's: width // 32 tiny, as train.py; 32 showo)")
     a("--image-tokens", type=int, default=0, help="override the preset's image tokens (0 = preset's: 64 tiny, 1024 showo)")
     a("--lp-vocab", type=int, default=58498, help="log-prob comparison: vocabulary (ids)")
     a("--lp-tokens", type=int, default=1024, help="log-prob comparison: scored tokens per row (int)")
     a("--lp-batch", type=int, default=4, help="log-prob comparison: rows (int)")
     a("--lp-width", type=int, default=0, help="log-prob comparison: hidden width (0 = 64 on CPU, 2048 on CUDA)")
     a("--chunk", type=int, default=256, help="rows per log-prob chunk in the chunked path (int)")
-    a("--compile", type=int, default=1, choices=[0, 1], help="1 = also time the torch.compile'd decode step and loss formulas")
-    a("--rl-step", action="store_true", help="also run one train.py RL step on the tiny default and report time shares")
+    a("--compile", type=int, default=1, choices=[0, 1], help="1 = also time train.py's torch.compile'd loss formulas")
+    a("--rl-step", action="store_true", help="also run one train.py RL step on the tiny default, with the fast paths and "
+      "with every prompt recomputed, and report time shares")
     a("--rl-base", default=None, help="--rl-step: base checkpoint to load (default: random weights)")
     a("--rl-profile", type=int, default=0, help="--rl-step: print this many top ops (by self CPU time) of the profiled fast RL step (0 = no profile)")
     a("--data-dir", default="out/world", help="--rl-step: embedded world folder (written there if missing)")
@@ -112,7 +113,38 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- timing and memory
 
 def amp(dev):  # bf16 autocast on CUDA (SDPA picks the flash / memory-efficient kernels), fp32 on CPU
-    return train.amp(argparse.Namespace(bf16=dev.type == "cuda"), dev)
+    return ckpt.amp(dev.type == "cuda", dev)
+
+
+@contextlib.contextmanager
+def formulas_compiled(on):
+    """train.py's formulas through torch.compile (on) or eager inside the block; the switch restored after."""
+    before = train.COMPILE["on"]
+    train.COMPILE["on"] = on
+    try:
+        yield
+    finally:
+        train.COMPILE["on"] = before
+
+
+# what prompt_recompute swaps: each takes reuse_prompt=False as a keyword (train.py and sampling.answer pass
+# only the arguments before it); sampling.draw passes reuse_prompt to sample_maskgit itself
+RECOMPUTED = ("sample_text", "draw", "answer_hidden", "maskgit_logprobs")
+
+
+@contextlib.contextmanager
+def prompt_recompute():
+    """Inside the block every sampler and scorer that reuses a prompt's keys/values recomputes the whole
+    sequence per row instead (reuse_prompt=False): text decode prefill, MaskGIT drawing, the text and
+    MaskGIT scorers. The sampling module's own functions are put back after, whatever happens."""
+    saved = {name: getattr(S, name) for name in RECOMPUTED}
+    try:
+        for name, fn in saved.items():
+            setattr(S, name, functools.partial(fn, reuse_prompt=False))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(S, name, fn)
 
 
 def sync(dev):
@@ -184,11 +216,15 @@ def build(args, dev):
     """(model, tokenizer, image tokens) for the preset; random weights, no training."""
     torch.manual_seed(args.seed)
     if args.preset == "tiny":
-        targs = flags.get_args([])  # train.py's defaults (4 layers, width 128, 4 heads, MaskGIT) unless overridden
-        targs.n_layer, targs.n_embd, targs.n_head = args.layers or 4, args.width or 128, args.heads or 4
+        targs = flags.get_args([])  # train.py's defaults (4 layers, width 128, a head per 32 dims, MaskGIT) unless overridden
+        targs.n_layer, targs.n_embd = args.layers or targs.n_layer, args.width or targs.n_embd
         # as pretrain.world_and_tokenizer, without writing the world: the vocabulary depends on the count only
         tok = tokenizer.WordTokenizer(targs.n_train_concepts + targs.n_test_concepts)
-        return pretrain.new_model(targs, tok).to(dev).eval(), tok, args.image_tokens or codebook.N_IMG
+        model = pretrain.new_model(targs, tok)
+        if args.heads:  # train.py's models have one head per 32 dims; --heads overrides that
+            torch.manual_seed(args.seed)
+            model = M.UnifiedModel(dataclasses.replace(model.cfg, n_head=args.heads))
+        return model.to(dev).eval(), tok, args.image_tokens or codebook.N_IMG
     V, K = SHOWO["vocab"], SHOWO["codebook"]
     off, d = V - K - 1, args.width or SHOWO["width"]  # Show-o: text ids, then 8192 codes, then <mask>
     tok = SimpleNamespace(pad_id=0, bos_id=1, boi_id=3, eoi_id=4, bor_id=5, eor_id=6, mask_id=V - 1, image_offset=off,
@@ -229,16 +265,42 @@ def maskgit_recompute(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1
     return S.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, reuse_prompt=False)
 
 
+class TwoPass:
+    """The model with each per-step forward of S.sample_maskgit (`hidden`, or `hidden_after` when the prompt's
+    keys/values are reused) run as two forwards, the conditional rows [:B] and then the unconditional rows
+    [B:], concatenated; every other attribute (cfg, lm_head, prompt_kv, ...) is the model's own."""
+
+    def __init__(self, model, B):
+        self.model, self.B = model, B
+
+    def __getattr__(self, name):  # only called for what the wrapper itself lacks
+        if name == "model":  # not set yet (a copy in the making): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _split(self, fwd, rows):
+        if rows <= self.B:  # no CFG: only conditional rows
+            return fwd(slice(None))
+        return torch.cat((fwd(slice(None, self.B)), fwd(slice(self.B, None))))
+
+    def hidden(self, idx, valid):
+        return self._split(lambda r: self.model.hidden(idx[r], valid[r]), len(idx))
+
+    def hidden_after(self, past, pre_valid, idx, valid, causal=False):
+        return self._split(lambda r: self.model.hidden_after([(k[r], v[r]) for k, v in past], pre_valid[r], idx[r],
+                                                             valid[r], causal), len(idx))
+
+
 def maskgit_two_pass(model, cond, uncond, n_tokens, steps, cfg_w, temperature=1.0, generator=None):
     """S.sample_maskgit with cond and uncond rows in two forwards per step instead of one batched one."""
-    return S.sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w, temperature, generator, two_pass=True)
+    return S.sample_maskgit(TwoPass(model, len(cond)), cond, uncond, n_tokens, steps, cfg_w, temperature, generator)
 
 
 def full_vs_chunked_loss(head, h, tgt, adv, chunk):
-    """train.py's loss arithmetic on token_logprobs; chunk = 0 materialises all [rows, vocab] logits."""
+    """train.py's loss arithmetic on token_logprobs (its eager formulas); chunk = 0 materialises all [rows, vocab] logits."""
     lp, _ = S.token_logprobs(head, h, tgt, chunk=chunk)
-    obj, _ = loss.ppo_clip(lp, lp.detach(), adv, 0.2, 0.2)
-    return loss.segment_mean(obj, tgt >= 0)
+    obj, _ = train.ppo_clip.eager(lp, lp.detach(), adv, 0.2)
+    return train.segment_mean.eager(obj, tgt >= 0)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -254,18 +316,12 @@ def bench_text(model, tok, args, dev, res):
     res["text_rollout"] = dict(rows=len(rows), new_tokens=N, seconds=t, tokens_per_s=len(rows) * N / t,
                                peak_mb=peak_mb(dev), baseline_mb=base,
                                **utilisation(dev, fwd_flops(model, len(rows) * (T + N), T + N / 2), nbytes, t))
-    # one group, greedy: cached vs naive (and compiled) must agree token for token
+    # one group, greedy: cached vs naive must agree token for token
     fast = lambda: S.sample_text(model, distinct, N, allowed, [], 0.0)
     slow = lambda: naive_decode(model, distinct, N, allowed, 0.0)
     t_fast, t_slow, _, a, b = pair(fast, slow, dev, args.reps)
     res["decode_vs_naive"] = dict(cached_s=t_fast, naive_s=t_slow, ratio=t_slow / t_fast, tokens_equal=torch.equal(a[0], b[0]),
                                   max_lp_diff=(a[1] - b[1]).abs().max().item())
-    if args.compile:
-        comp = lambda: S.sample_text(model, distinct, N, allowed, [], 0.0, compile_step=True)
-        t_c, t_first, c = timed(comp, dev, args.reps)
-        c = comp() if dev.type == "cuda" else c  # check in fp32
-        res["decode_compiled_vs_eager"] = dict(compiled_s=t_c, eager_s=t_fast, ratio=t_fast / t_c, compile_s=t_first - t_c,
-                                               tokens_equal=torch.equal(a[0], c[0]), max_lp_diff=(a[1] - c[1]).abs().max().item())
     return dict(prompts=rows, toks=roll[0], lp=roll[1], mask=roll[2])
 
 
@@ -291,12 +347,8 @@ def bench_hf(c, args, dev, res):
                                 do_sample=False, use_cache=True, pad_token_id=0)[:, ids.shape[1]:]
     t_ours, t_hf, _, a, b = pair(ours_fn, hf_fn, dev, args.reps)
     a, b = a[0], b.to(a[0].device)
-    res["decode_vs_hf_generate"] = r = dict(ours_s=t_ours, hf_s=t_hf, ratio=t_hf / t_ours, tokens_equal=torch.equal(a, b),
-                                            token_match=(a == b).float().mean().item())
-    if args.compile:  # the compiled step too (its graph was built for these shapes in bench_text)
-        comp = lambda: S.sample_text(ours, ids.tolist(), N, allowed, [], 0.0, compile_step=True)
-        t_c, _, c = timed(comp, dev, args.reps)
-        r.update(ours_compiled_s=t_c, ratio_compiled=t_hf / t_c, compiled_tokens_equal=torch.equal(a, (comp() if dev.type == "cuda" else c)[0]))
+    res["decode_vs_hf_generate"] = dict(ours_s=t_ours, hf_s=t_hf, ratio=t_hf / t_ours, tokens_equal=torch.equal(a, b),
+                                        token_match=(a == b).float().mean().item())
 
 
 def bench_images(model, tok, n_img, args, dev, res):
@@ -322,19 +374,18 @@ def bench_images(model, tok, n_img, args, dev, res):
 
 
 def bench_update(model, tok, n_img, args, dev, text, img, res):
-    """train.rl_update (mu = 1, no KL reference) on the rollout batch above: score forward, loss,
-    backward, grad clip. SGD(lr=0) steps, so AdamW's state is not what is measured."""
+    """train.rl_update (mu = 1, no KL reference, eager formulas) on the rollout batch above: score forward,
+    loss, backward, grad clip. SGD(lr=0) steps, so AdamW's state is not what is measured."""
     targs = flags.get_args(["--no-compile", "--mu", "1", "--beta", "0", "--group", str(args.group), "--rollouts",
                             str(args.prompts * args.group), "--maskgit-steps", str(args.steps), "--update-steps", str(args.update_steps),
                             "--rl-cfg", str(args.cfg)])
     P, G = args.prompts, args.group
-    batch = rollouts.Rollouts(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],
-                              img=img["state"], r_text=torch.rand(P, G), r_img=torch.rand(P, G))
+    batch = train.Rollouts(text_prompts=text["prompts"], toks=text["toks"], lp=text["lp"], mask=text["mask"], gen_prompts=img["cond"],
+                           img=img["state"], r_text=torch.rand(P, G), r_img=torch.rand(P, G))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     base = reset_peak(dev)
-    step = lambda: train.rl_update(model, model, None, tok, batch, loss.advantages(batch, targs, loss.FORMULAS, 0), opt, sched,
-                                   targs, loss.FORMULAS)
+    step = lambda: train.rl_update(model, model, None, tok, batch, train.advantages(batch, targs, 0), opt, sched, targs)
     t, _, stats = timed(step, dev, args.reps)
     model.eval()
     seq, k = args.prompt_len + 1 + n_img, args.update_steps
@@ -343,32 +394,23 @@ def bench_update(model, tok, n_img, args, dev, text, img, res):
                          ratio_dev_first=max(stats.get("text_ratio_dev_first", 0), stats.get("image_ratio_dev_first", 0)),
                          **utilisation(dev, 3 * fwd_flops(model, tokens, seq), 0, t))
 
-    def scored(steps_sel, **flags):
-        """loss.score_batch forward + backward under flags: (log-probs, gradients), both fp32."""
-        a = argparse.Namespace(**{**vars(targs), **flags})
-
+    def scored(steps_sel, reuse=True):
+        """train.score_batch forward + backward, reusing prompts' keys/values or (reuse=False) recomputing
+        every row's whole sequence: (log-probs, gradients), both fp32."""
         def run():
             model.zero_grad(set_to_none=True)
-            out = loss.score_batch(model, model, tok, batch, a, steps_sel)
+            with contextlib.nullcontext() if reuse else prompt_recompute():
+                out = train.score_batch(model, model, tok, batch, targs, steps_sel)
             sum((lp * m).sum() / m.sum().clamp(min=1) for lp, m, _ in out.values()).backward()
             return [v[0].detach().float() for v in out.values()], [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
         return run
 
     def diff(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
-    sel = loss.surprising_steps(batch.img, args.steps, args.update_steps)
-    t_r, t_c, _, a, b = pair(scored(sel), scored(sel, kv_reuse=False), dev, args.reps)
+    sel = train.surprising_steps(batch.img, args.steps, args.update_steps)
+    t_r, t_c, _, a, b = pair(scored(sel), scored(sel, reuse=False), dev, args.reps)
     res["scorer_kv_reuse_vs_recompute"] = dict(reuse_s=t_r, recompute_s=t_c, ratio=t_c / t_r, max_lp_diff=diff(a[0], b[0]),
                                                max_grad_diff=diff(a[1], b[1]))
-    out = {}
-    for name, flag in (("per_step", True), ("all_at_once", False)):  # per step first: a fresh heap for it
-        base = reset_peak(dev)
-        t, _, o = timed(scored(list(range(args.steps)), step_backward=flag), dev, args.reps)
-        out[name] = dict(seconds=t, peak_delta_mb=peak_mb(dev) - base, result=o if dev.type != "cuda" else scored(list(range(args.steps)), step_backward=flag)())
-    a, b = out["per_step"].pop("result"), out["all_at_once"].pop("result")
-    res["step_backward_memory"] = dict(steps=args.steps, **out, ratio=out["per_step"]["peak_delta_mb"] / max(out["all_at_once"]["peak_delta_mb"], 1e-9),
-                                       time_ratio=out["per_step"]["seconds"] / out["all_at_once"]["seconds"],
-                                       max_lp_diff=diff(a[0], b[0]), max_grad_diff=diff(a[1], b[1]))
     model.eval()
 
 
@@ -398,45 +440,53 @@ def bench_logprob(args, dev, res):
                           max_loss_diff=(a[0] - b[0]).abs().item(), max_grad_diff=(a[1] - b[1]).abs().max().item())
 
 
+FORMULAS = ("group_advantages", "ppo_clip", "k3_kl", "segment_mean")
+
+
 def bench_formulas(n_img, args, dev, res):
-    """loss.compiled vs loss.FORMULAS on one RL batch's shapes: advantages, clip, k3, segment mean, backward."""
+    """train.py's formulas compiled (train.formula with train.COMPILE on) vs their .eager functions on one RL
+    batch's shapes: advantages, clip, k3, segment mean, backward."""
     g = torch.Generator().manual_seed(args.seed)
     P, G = args.prompts, args.group
     R, mask = torch.rand(P, G, generator=g).to(dev), (torch.rand(P * G, n_img, generator=g) > 0.2).to(dev)
     lp0 = (-2 + 0.1 * torch.randn(P * G, n_img, generator=g)).to(dev)
     old, ref = lp0 + 0.01 * torch.randn_like(lp0), lp0 + 0.05 * torch.randn_like(lp0)
 
-    def run(F):
+    def run(eager):
+        F = {name: getattr(train, name).eager if eager else getattr(train, name) for name in FORMULAS}
         lp = lp0.clone().requires_grad_()
-        A = F["advantages"](R, "std").flatten()[:, None]
-        obj, _ = F["ppo_clip"](lp, old, A, 0.2, 0.28)
+        A = F["group_advantages"](R, "std").flatten()[:, None]
+        obj, _ = F["ppo_clip"](lp, old, A, 0.2)
         total = F["segment_mean"](obj + 0.01 * F["k3_kl"](lp, ref), mask)
         total.backward()
         return total.detach(), lp.grad
-    comp = loss.compiled(argparse.Namespace(compile=True))
-    t_e, _, a = timed(lambda: run(loss.FORMULAS), dev, max(args.reps, 5))
-    t_c, t_first, b = timed(lambda: run(comp), dev, max(args.reps, 5))
+    t_e, _, a = timed(lambda: run(True), dev, max(args.reps, 5))
+    with formulas_compiled(True):
+        t_c, t_first, b = timed(lambda: run(False), dev, max(args.reps, 5))
     res["formulas_compiled_vs_eager"] = dict(eager_ms=1e3 * t_e, compiled_ms=1e3 * t_c, ratio=t_e / t_c, compile_s=t_first - t_c,
                                              max_diff=max((a[0] - b[0]).abs().item(), (a[1] - b[1]).abs().max().item()))
 
 
 def bench_rl_step(args, res):
-    """One train.py Sync-GRPO step on the tiny default (CPU): collect (rollouts + rewards) and rl_update,
-    with the fast paths (train.py's defaults) and with --no-kv-reuse, from the same weights and seed."""
+    """One train.py Sync-GRPO step on the tiny default (CPU): train.collect (rollouts + rewards), then
+    train.advantages and train.rl_update (its optimizer step; no replay batch), eager formulas; once with the
+    fast paths (train.py's defaults) and once with every prompt recomputed (prompt_recompute: sampling's
+    decode, draw, answer_hidden and maskgit_logprobs with reuse_prompt=False), from the same weights and seed."""
     out = {}
-    for name, extra in (("fast", []), ("slow", ["--no-kv-reuse"])):  # fast first: it pays any first-call costs
-        targs = flags.get_args(["--data-dir", args.data_dir, "--no-compile"] + extra)  # compile time is not a step's time
+    for name, slow in (("fast", False), ("slow", True)):  # fast first: it pays any first-call costs
+        targs = flags.get_args(["--data-dir", args.data_dir, "--no-compile"])  # compile time is not a step's time
         world, tok = pretrain.world_and_tokenizer(targs)
         torch.manual_seed(args.seed)
         policy = ckpt.load_checkpoint(args.rl_base)[0] if args.rl_base else pretrain.new_model(targs, tok)
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
-        opt, sched = train.rl_optimizer(policy, targs)
+        opt, sched = M.configure_optimizer(policy, targs.rl_lr, train.RL_WARMUP, targs.rl_iters * targs.mu)
         prof = torch.profiler.profile() if args.rl_profile and name == "fast" else contextlib.nullcontext()
-        with prof:
-            batch, _, row = rollouts.collect(policy, tok, world, targs, 0, 0, dgs.DGSState(target=targs.dgs_target))
+        with prof, prompt_recompute() if slow else contextlib.nullcontext():
+            batch, _, row = train.collect(policy, tok, world, targs, 0, 0, dgs.DGSState() if targs.dgs else None,
+                                          targs.rollouts // targs.group)
             t = time.perf_counter()
-            A = loss.advantages(batch, targs, loss.FORMULAS, 0)
-            stats = train.rl_update(policy, policy, ref, tok, batch, A, opt, sched, targs, loss.FORMULAS)
+            A = train.advantages(batch, targs, 0)
+            stats = train.rl_update(policy, policy, ref, tok, batch, A, opt, sched, targs)
             row["t_update"] = time.perf_counter() - t
         if args.rl_profile and name == "fast":
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rl_profile))
@@ -449,13 +499,9 @@ def bench_rl_step(args, res):
     res["rl_step_fast_vs_slow"] = dict(ratio=out["slow"]["seconds"] / out["fast"]["seconds"])
 
 
-MEMORY_OPTIONS = {  # name -> train.py flags; the last also takes pi_old from the sampler, for the bf16 ratio
-    "rows + ckpt + step-backward": ["--concept-rows-only", "--grad-ckpt", "--step-backward"],
+MEMORY_OPTIONS = {  # name -> train.py flags (--bf16: pi_old from one scoring pass, so the first ratio is 1)
     "rows + ckpt": ["--concept-rows-only", "--grad-ckpt"],
-    "rows + step-backward": ["--concept-rows-only", "--no-grad-ckpt", "--step-backward"],
-    "ckpt + step-backward, every weight trained": ["--grad-ckpt", "--step-backward"],
-    "rows + ckpt + step-backward, pi_old from the sampler": ["--concept-rows-only", "--grad-ckpt", "--step-backward",
-                                                             "--old-lp", "sampler"],
+    "ckpt, every weight trained": ["--no-concept-rows-only", "--grad-ckpt"],
 }
 
 
@@ -470,12 +516,14 @@ def bench_memory_options(args, res):
         raise SystemExit(f"--memory-options {root}: expected the folders of tests/showo_fixture.py ({', '.join(folders)})")
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.path.join(here, "tests"))  # the fixture's judge
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     for name, extra in MEMORY_OPTIONS.items():
         run_dir = tempfile.mkdtemp(prefix="memopt")
         cmd = [sys.executable, os.path.join(here, "train.py"), "--preset", "showo", "--bf16", "--beta", "0",
-               "--group", "2", "--rollouts", "2", "--dgs", "0", "--mu", "1", "--rl-iters", "1", "--no-compile",
+               "--group", "2", "--rollouts", "2", "--no-dgs", "--mu", "1", "--rl-iters", "1", "--no-compile",
                "--diag-prompts", "0", "--maskgit-steps", str(args.steps), "--update-steps", str(args.update_steps),
-               "--threads", str(args.threads), "--judge", "showo_fixture:judge_not_dark", "--out-dir", run_dir,
+               "--judge", "showo_fixture:judge_not_dark", "--out-dir", run_dir,
                *[x for k, v in folders.items() for x in ("--" + k, v)], *extra]
         t0, fits = time.time(), True
         with open(os.path.join(run_dir, "log.txt"), "w+") as log:
@@ -511,13 +559,16 @@ def bench_memory_options(args, res):
 
 TARGETS = {"decode_vs_naive": (">=", 3.0), "decode_vs_hf_generate": (">=", 1.5), "cfg_batched_vs_two_pass": (">=", 1.5),
            "maskgit_kv_reuse_vs_recompute": (">=", 1.5), "scorer_kv_reuse_vs_recompute": (">=", 1.0),
-           "step_backward_memory": ("<=", 1.0), "rl_step_fast_vs_slow": (">=", 2.0),
-           "logprob_chunked_memory": ("<=", 0.35), "logprob_chunked_time": ("<=", 1.2),
-           "decode_compiled_vs_eager": (">=", 1.0), "formulas_compiled_vs_eager": (">=", 1.0)}
+           "rl_step_fast_vs_slow": (">=", 2.0), "logprob_chunked_memory": ("<=", 0.35), "logprob_chunked_time": ("<=", 1.2),
+           "formulas_compiled_vs_eager": (">=", 1.0)}
 
 
 def main(argv=None):
-    args = get_args(argv)
+    with formulas_compiled(False):  # eager formulas except where bench_formulas compares: compile time is no step's
+        return run_all(get_args(argv))
+
+
+def run_all(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -568,13 +619,13 @@ def report(res):
     print(f"log-prob+loss  chunked {lp['chunked']['seconds']:.3f} s / {lp['chunked']['peak_delta_mb']:.0f} MB, full {lp['full']['seconds']:.3f} s"
           f" / {lp['full']['peak_delta_mb']:.0f} MB (V={lp['vocab']}, {lp['batch']}x{lp['tokens']}, d={lp['width']})")
     for (k, t), r in zip(res["targets"].items(), res["ratios"].values()):
-        same = {c: res[k][c] for c in ("tokens_equal", "codes_equal", "max_lp_diff", "max_grad_diff", "time_ratio", "ratio_compiled")
+        same = {c: res[k][c] for c in ("tokens_equal", "codes_equal", "max_lp_diff", "max_grad_diff", "time_ratio")
                 if c in res.get(k, {})}
         print(f"{k:27s}", "skipped" if r is None else f"{r:7.3f}  (target {t['target']}: {'met' if t['met'] else 'NOT met'})",
               *(f"{c}={v:.3g}" if isinstance(v, float) else f"{c}={v}" for c, v in same.items()))
     if "rl_step" in res:
         s = res["rl_step"]
-        for name, r in (("fast paths", s), ("--no-kv-reuse", s["slow"])):
+        for name, r in (("fast paths", s), ("prompts recomputed", s["slow"])):
             print(f"rl step, {name} ({s['weights']} weights) {r['seconds']:.1f} s: rollout {r['rollout_s']:.1f} s ({r['rollout_share']:.2f}),"
                   f" reward {r['reward_s']:.1f} s ({r['reward_share']:.2f}), update {r['update_s']:.1f} s ({r['update_share']:.2f});"
                   f" first-update ratio deviation {r['ratio_dev_first']:.1e}")

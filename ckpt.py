@@ -1,12 +1,13 @@
 """
 Run plumbing every stage shares: console lines, DDP setup, atomic checkpoints (weights, optimizer and
-scheduler, RNG) and their checked loading, the metrics log. No entry point: train.py and pretrain.py
-import it.
+scheduler, RNG) and their checked loading, the metrics log. No entry point: train.py, pretrain.py
+and eval.py import it.
 
 A checkpoint is run_dir/step_XXXXXX/{model.safetensors, meta.json, state.pt} plus a `latest` file naming
 it; every file is written to a temporary name and renamed, so a kill at any moment leaves the previous
 checkpoint usable, and a damaged file is reported by name (BadInput) instead of a library traceback.
 """
+import contextlib
 import json
 import os
 import random
@@ -37,6 +38,11 @@ def setup_dist():
     return rank, dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
 
 
+def amp(bf16, device):
+    """bf16 autocast under --bf16 (weights and optimizer state stay fp32), else nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def all_sum(values, device):
     """Sum of a few numbers over all ranks (themselves when not distributed)."""
     if not dist.is_initialized():
@@ -44,6 +50,19 @@ def all_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+# The base the main job starts from: `python train.py --stage pretrain` with the default flags writes the
+# same recipe to out/pretrain (about 25 minutes on a 2-core CPU), so the main job can spend its time on RL.
+COMMITTED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
+
+
+def checkpoint_path(args):
+    """--ckpt as a folder: committed = base/ (with --showo-dir: None, Show-o itself), pretrain =
+    <out-dir>/pretrain, anything else as given."""
+    if args.ckpt == "committed":
+        return None if args.showo_dir else COMMITTED_BASE
+    return os.path.join(args.out_dir, "pretrain") if args.ckpt == "pretrain" else args.ckpt
 
 
 class BadInput(Exception):

@@ -1,10 +1,8 @@
 """
-Group statistics and Dynamic Group Scaling (DGS) for Sync-GRPO (METHOD.md sections 4-5).
+Dynamic Group Scaling (DGS) for Sync-GRPO, and the group statistics that say whether GRPO can learn.
 
-- `group_advantages`: one scalar advantage per rollout from the rewards of its group
-  (GRPO, Dr. GRPO or batch-std scaling); all-equal groups give exactly 0.
-- `zero_variance_groups`, `effective_fraction`: which groups carry no learning signal
-  (DAPO's dynamic sampling drops them; DGS tries to make them rare).
+- `zero_variance_groups`, `learnability`, `diagnostics`: which groups carry no learning signal, and per
+  reward component its mean, pass@1, pass@G and share of zero-variance groups (DGS tries to make them rare).
 - `DGSState`, `update_tau`, `dgs_group`: the preview-and-reject sampler. Each rollout is
   stopped early, its preview is scored cheaply, and it is kept only if the score beats tau;
   tau adapts once per batch toward a target acceptance rate. The loop knows nothing about
@@ -16,63 +14,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-ADVANTAGE_MODES = ("std", "nostd", "batchstd")
+import rewards
 
-
-def _centered(R):
-    # R_i - mean_G R, with the mean taken relative to the group's first reward. Why: the plain
-    # mean of G identical floats is sum/G, which rounding can move off the value itself
-    # (seven float32 0.1s give 7e-9), so an all-equal group would get a tiny nonzero advantage.
-    # Shifted, the differences are exactly 0, their mean is 0, and R_i - mean is exactly 0.
-    ref = R[:, :1]
-    return R - (ref + (R - ref).mean(dim=1, keepdim=True))
-
-
-def group_advantages(R, mode="std", eps=1e-4, correction=0):
-    """Advantage of each rollout, [P, G] -> [P, G]. No branching on tensor values (compilable).
-    correction=1: Bessel's std (n-1), as TRL; with G=1 that std is NaN, so the trainer refuses it."""
-    if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
-    if R.dim() != 2:
-        raise ValueError(f"rewards must be [P, G], got shape {tuple(R.shape)}")
-    centered = _centered(R)
-    if mode == "nostd":
-        # Dr. GRPO: A_i = R_i - mean_G R (no std division, so no per-question difficulty bias)
-        return centered
-    # correction=0 (population std): with G=1, or a batch of one reward, the unbiased std is
-    # 0/0 = NaN; the population std is 0, so the exact-zero numerator stays exactly 0.
-    if mode == "std":
-        # GRPO: A_i = (R_i - mean_G R) / (std_G R + eps)
-        scale = R.std(dim=1, keepdim=True, correction=correction)
-    else:
-        # batch std (as TRL's scale_rewards="batch"): A_i = (R_i - mean_G R) / (std_batch R + eps)
-        scale = R.std(correction=correction)
-    return centered / (scale + eps)
+CAP_PER_G = 4  # previews per group at most (the released cap, 4 x G), before filling with the best
 
 
 def zero_variance_groups(R):
     """[P] bool: True where every reward of the group is equal (zero advantage, zero gradient)."""
-    # exact equality with the first reward, not std < tol: matches the exact zeros above
+    # exact equality with the first reward, not std < tol: matches train.group_advantages' exact zeros
     return (R == R[:, :1]).all(dim=1)
-
-
-def effective_fraction(R):
-    """Share of groups whose rewards are not all equal, i.e. groups that give any policy gradient.
-
-    GRPO advantages of an all-equal group are 0, so such a group costs a full rollout and
-    teaches nothing; DAPO drops them and DGS raises the reward spread. Log this per batch.
-    """
-    return 1.0 - zero_variance_groups(R).float().mean().item()
-
-
-def shuffle_within_groups(advantages, generator):
-    """The null run's advantages: {segment: [P, G]} -> the same, each group's rollouts permuted at
-    random (one permutation for every segment, so a rollout's text and image keep one partner). The same
-    multiset per group, the same compute and update sizes, but no link between a rollout and its own
-    reward: whatever a null run "gains" is what noise and the update alone produce."""
-    shape = next(iter(advantages.values())).shape
-    perm = torch.rand(shape, generator=generator).argsort(dim=1)
-    return {k: v.gather(1, perm.to(v.device)) for k, v in advantages.items()}
 
 
 def learnability(values, applies, success=1.0):
@@ -110,10 +60,6 @@ class DGSState:
 
     def state_dict(self):
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
 
 
 def update_tau(state, rho):
@@ -191,3 +137,28 @@ def dgs_group(start, score, finish, G, cap, state, batch=None):
     stats = dict(attempts=attempts, above=above, accepted=n_acc, filled=G - n_acc,
                  rho=above / attempts, scores=[s for s, _ in chosen])
     return finished, stats
+
+
+def diagnostics(batch, rolls, G):
+    """Learnability of each reward component on one batch (train.Rollouts), the total reward's share of
+    zero-variance groups, and the preview / final-reward correlation when previews were scored."""
+    out = {}
+    for name, v in batch.comps.items():
+        applies = torch.tensor([rewards.applies(name, r) for r in rolls]).view(-1, G)
+        out[name] = learnability(v.view(-1, G), applies)
+    R = batch.reward()
+    out["total"] = learnability(R, torch.ones_like(R, dtype=torch.bool), success=float("inf"))
+    if batch.preview is not None:
+        out["total"]["preview_corr"] = within_group_corr(batch.preview.float(), R)
+    return out
+
+
+def diagnostics_table(d):
+    """Markdown table of diagnostics(): one row per reward component."""
+    lines = ["| reward | groups | mean | pass@1 | pass@G | zero-variance groups |", "|---|---|---|---|---|---|"]
+    for name, v in d.items():
+        passes = "| — | — |" if name == "total" else f"| {v['pass1']:.3f} | {v['passG']:.3f} |"  # the total has no "full credit"
+        lines.append(f"| {name} | {v['groups']} | {v['mean']:.3f} {passes} {v['zero_var']:.2f} |")
+    if "preview_corr" in d.get("total", {}):
+        lines.append(f"\nDGS preview / final reward, within-prompt correlation: {d['total']['preview_corr']:.3f}")
+    return "\n".join(lines)

@@ -1,47 +1,41 @@
 """
-Held-out evaluation, on the concepts the model never trained on: what both worlds share (answers and
-drawings from fixed seeds, per-item summaries with standard errors, paired gains, tables, plots). Each
-world scores its own test split: data.World.evaluate (the embedded world's exact metrics, below) and
-unifybench.Bench.evaluate (a real folder's UnifyBench metrics); rollouts.held_out_eval adds the held-out
-mean reward.
+Held-out evaluation, on the concepts the model never trained on: what both worlds share (drawings from fixed
+seeds, per-item summaries with standard errors, paired gains, tables), the evaluation stage, and the
+pictures of a run. Each world scores its own test split: world.data.World.evaluate (the embedded world's
+exact metrics) and showo.unifybench.Bench.evaluate (a real folder's UnifyBench metrics); train.held_out_eval
+adds the held-out mean reward.
 
-  python train.py --stage eval --ckpt out/base        # or any checkpoint folder / run folder
+  python train.py --stage eval --ckpt out/rl            # any checkpoint folder or run folder
+  python eval.py out/rl --compare out/null/rl           # redraw reward_vs_step.png, a null run beside
 
 Understanding: recognition accuracy (weighted: the mean of the positive and negative accuracies, as
-Yo'LLaVA reports it, so a constant "yes" or "no" scores 0.5 however unbalanced the questions), VQA accuracy, text-only QA accuracy
-(greedy answers, exact match). Generation: the model first writes its reasoning, then draws
-(MaskGIT or AR, with the run's CFG); identity (CLIP-I analogue: share of the concept's sprite drawn),
-alignment (CLIP-T analogue: the request's placement), knowledge-driven score (0 / 0.5 / 1), and
-reasoning accuracy (the stated fact is the right one).
+Yo'LLaVA reports it, so a constant "yes" or "no" scores 0.5 however unbalanced the questions), VQA accuracy,
+text-only QA accuracy (greedy answers, exact match). Generation: the model first writes its reasoning, then
+draws (with the run's CFG); identity (CLIP-I analogue: share of the concept's sprite drawn), alignment
+(CLIP-T analogue: the request's placement), knowledge-driven score (0 / 0.5 / 1), and reasoning accuracy
+(the stated fact is the right one).
 """
+import argparse
+import json
 import math
+import os
+import sys
 
 import torch
+from PIL import Image
 
 import sampling as S
+from ckpt import BadInput, amp, atomic_write, checkpoint_path, from_files, load_checkpoint, load_weights, read_checkpoint, resolve_ckpt, say
 
-UNDERSTAND = ("recognition", "vqa", "textqa")
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "vqa_sampled", "textqa", "textqa_sampled",
            "identity", "alignment", "knowledge", "reasoning", "reasoning_sampled"]
+EVAL_BATCH = 64  # prompts per sampling batch
+RISE_K = 20      # steps averaged at each end of a run by the rise statistic
 
 
-@torch.no_grad()
-def answer(model, tok, prompts, max_new, temperature=0.0, generator=None):
-    """Decode a text answer for each prompt; returns (strings, tokens, logprobs, valid)."""
-    toks, lps, valid = S.sample_text(model, prompts, max_new, tok.text_ids(), [tok.eor_id],
-                                     temperature=temperature, generator=generator)
-    texts = [tok.decode(t[v & (t != tok.eor_id)]) for t, v in zip(toks, valid)]
-    return texts, toks, lps, valid
-
-
-@torch.no_grad()
-def draw(model, tok, prompts, args, temperature, generator=None, stop=None, state=None):
-    """Image codes for generation prompts (ending with <boi>), MaskGIT or AR, CFG rows batched."""
-    uncond, n = [tok.uncond_prompt()] * len(prompts), tok.n_image_tokens
-    if args.image_mode == "ar":
-        return S.sample_ar_image(model, prompts, uncond, n, args.cfg, temperature, generator, stop, state)
-    return S.sample_maskgit(model, prompts, uncond, n, args.steps, args.cfg, temperature, generator, state, stop,
-                            sampler=args.maskgit_sampler, reuse_prompt=args.kv_reuse)
+def draw(model, tok, prompts, args, generator):
+    """Evaluation's drawings: the run's --cfg and --maskgit-steps, temperature 1, from a fixed seed."""
+    return S.draw(model, tok, prompts, args.steps, args.cfg, args.maskgit_sampler, 1.0, generator)["codes"]
 
 
 def batches(items, n):
@@ -71,8 +65,8 @@ def greedy_and_sampled(model, tok, tasks, args):
     (k per task, consecutive)."""
     prompts = [tok.understanding_prompt(t) for t in tasks]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(1)
-    sampled = answer(model, tok, [p for p in prompts for _ in range(args.eval_draws)], args.max_text, 1.0, g)[0]
-    return answer(model, tok, prompts, args.max_text)[0], sampled
+    sampled = S.answer(model, tok, [p for p in prompts for _ in range(args.eval_draws)], args.max_text, 1.0, g)[0]
+    return S.answer(model, tok, prompts, args.max_text)[0], sampled
 
 
 def stderr(xs):
@@ -94,20 +88,6 @@ def paired_gain(before, after, metric):
         return after[metric] - before[metric], float("nan")
     d = [a - b for a, b in zip(after["items"][metric], before["items"][metric])]
     return mean(d), stderr(d)
-
-
-def reward_rise(rewards, k=5):
-    """Did the training reward rise beyond its noise? (mean of the last k steps - mean of the first k,
-    the residual step-to-step std around a least-squares line through all steps, their ratio)."""
-    n = len(rewards)
-    if n < 2 * k:
-        return dict(rise=float("nan"), residual_std=float("nan"), ratio=float("nan"))
-    rise = mean(rewards[-k:]) - mean(rewards[:k])
-    xm, ym = (n - 1) / 2, mean(rewards)
-    slope = sum((i - xm) * (y - ym) for i, y in enumerate(rewards)) / sum((i - xm) ** 2 for i in range(n))
-    resid = [y - (ym + slope * (i - xm)) for i, y in enumerate(rewards)]
-    sd = math.sqrt(sum(r * r for r in resid) / (n - 2))
-    return dict(rise=rise, residual_std=sd, ratio=rise / sd if sd > 0 else float("inf"))
 
 
 def rows(res, order=None):
@@ -136,37 +116,216 @@ def gain_table(before, after, title=None):
     return "\n".join(lines)
 
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+# ----------------------------------------------------------------------------- the evaluation stage
+
+def as_trained(args, meta, keys):
+    """args with the values these flags had when the checkpoint was trained (its sampling, vocabulary and
+    reward), each one that differs from the command line said on the console."""
+    saved = {k: v for k, v in meta.get("args", {}).items() if k in keys}
+    changed = [f"{k} {v}" for k, v in saved.items() if v != getattr(args, k)]
+    if changed:
+        say(0, "as the checkpoint was trained: " + ", ".join(changed))
+    return argparse.Namespace(**{**vars(args), **saved})
+
+
+def run_eval(args, held_out_eval):
+    """Held-out metrics of a checkpoint (held_out_eval: train.py's), written next to it as
+    eval_<world folder>-seed<S>.json: results on another world get another file, and a file holding another
+    world's results is never overwritten. With --showo-dir: run_showo_eval."""
+    if args.showo_dir:
+        return run_showo_eval(args, held_out_eval)
+    from pretrain import world_and_tokenizer  # here: the world's own modules import this file
+    path = checkpoint_path(args)
+    model, meta, _ = load_checkpoint(path)
+    eargs = as_trained(args, meta, ("cfg", "steps", "maskgit_sampler"))
+    world, tok = world_and_tokenizer(args)
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise BadInput(f"{args.data_dir}: its world needs a vocabulary of {tok.vocab_size} ids but the checkpoint "
+                       f"{path} has {model.cfg.vocab_size}; use the same --n-train-concepts/--n-test-concepts")
+    where = dict(data_dir=os.path.abspath(args.data_dir), seed=world.seed, train_concepts=len(world.train),
+                 test_concepts=len(world.test))
+    path = resolve_ckpt(path)
+    out = os.path.join(path, f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
+    check_eval_file(out, where)
+    say(0, f"evaluating {path} on {len(world.test_tasks)} held-out tasks")
+    res = held_out_eval(model, tok, world, eargs)
+    write_eval(out, where, path, res, f"held-out concepts of {args.data_dir} (seed {world.seed})")
+    return res
+
+
+def check_eval_file(out, where):
+    """A results file of another world (or folder) is never overwritten."""
+    if os.path.isfile(out):
+        with open(out) as f:
+            old = json.load(f).get("world")
+        if old != where:
+            raise BadInput(f"{out}: holds the results of another world ({old}); move it away to evaluate {where}")
+
+
+def write_eval(out, where, checkpoint, res, title, order=None):
+    """The results table on the console, and {world, checkpoint, metrics} as JSON at `out`."""
+    print("\n" + table({os.path.basename(os.path.normpath(checkpoint)): res}, title, order))
+    atomic_write(out, json.dumps(dict(world=where, checkpoint=checkpoint, metrics=res), indent=1).encode())
+    say(0, f"wrote {out}")
+
+
+def run_showo_eval(args, held_out_eval):
+    """UnifyBench metrics and the held-out mean reward of Show-o on a real folder's test split: the
+    --showo-dir model with fresh concept tokens, or an RL run of it (--ckpt, sampled and rewarded as it was
+    trained). Written as eval_<folder>.json next to the checkpoint, or into <out-dir>/eval without one."""
+    from showo import load, unifybench
+    rl_run = checkpoint_path(args)  # None: Show-o itself
+    path, meta, weights, _ = read_checkpoint(rl_run, load_state=False) if rl_run else (None, {}, None, None)
+    keys = ("cfg", "steps", "maskgit_sampler", "max_text", "concept_tokens", "tasks", "group", "reward_style", "rewards")
+    # no frozen reference and no rows-only marking: evaluation trains nothing
+    eargs = as_trained(argparse.Namespace(**{**vars(args), "beta": 0.0, "concept_rows_only": False}), meta, keys)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world, tok, policy, _ = from_files(load.setup, eargs, device)
+    if weights is not None:
+        load_weights(policy, weights, path)
+    where = dict(data_dir=os.path.abspath(args.data_dir), concepts=[c.name for c in world.concepts])
+    folder = path or os.path.join(args.out_dir, "eval")
+    out = os.path.join(folder, f"eval_{os.path.basename(where['data_dir'])}.json")
+    check_eval_file(out, where)
+    if not world.test_tasks:
+        raise BadInput(f"{args.data_dir}: no test tasks (concept/test/<name>/vqa.json, text_only.json, t2i_conditions.json)")
+    skipped = unifybench.skipped(world, world.test_tasks)
+    if skipped:
+        say(0, "skipped: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()))
+    checkpoint = path or os.path.abspath(args.showo_dir)
+    say(0, f"evaluating {checkpoint} on {len(world.test_tasks)} test tasks (CFG {eargs.cfg}, {eargs.steps} MaskGIT steps, "
+           f"{args.eval_draws} drawings per request, held-out reward on {args.eval_reward_prompts} prompts x G {eargs.group})")
+    with amp(args.bf16, device):
+        res = held_out_eval(policy, tok, world, eargs)
+    res.update(skipped=skipped)
+    os.makedirs(folder, exist_ok=True)
+    write_eval(out, where, checkpoint, res, f"test split of {args.data_dir}", unifybench.METRICS + ["reward"])
+    return res
+
+
+# ----------------------------------------------------------------------------- pictures of a run
+
+def save_rollouts(path, rolls, R, G, codec, n_groups=4):
+    """PNG grid of the first 4 rollouts of a few groups: the target (what was asked, drawn exactly) on the
+    left of each drawing, the request, the reasoning and the rollout's reward underneath."""
+    from world import worldio
+    picked = [i for i in range(len(rolls)) if i % G < 4][:4 * n_groups]
+    blank = torch.zeros(codec.grid ** 2, dtype=torch.long)  # no drawing: all code 0
+    images = []
+    for i in picked:
+        r = rolls[i]
+        drawn = codec.decode([r.codes if r.codes is not None else blank])[0]
+        target = r.gen.target if r.gen is not None and r.gen.target is not None else None
+        pair = Image.new("RGB", (2 * drawn.width + 2, drawn.height), "white")
+        if target is not None:
+            pair.paste(codec.decode([target])[0], (0, 0))
+        pair.paste(drawn, (drawn.width + 2, 0))
+        images.append(pair)
+    captions = [f"R {R[i]:.2f} | {rolls[i].task.question} | {rolls[i].text or ''}" for i in picked]
+    worldio.save_grid(path, images, captions, cols=4)
+
+
+def read_metrics(path):
+    """The rows of a run's metrics.jsonl in step order (a resumed run's replayed steps: the last wins)."""
+    with open(path) as f:
+        by_step = {r["step"]: r for r in map(json.loads, f)}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def curves(rows):
+    """{name: per-step values} of the training reward and each of its logged components (unweighted)."""
+    import rewards  # here: rewards imports the world, whose modules import this file
+    names = ["reward"] + [f"r_{n}" for n in rewards.DEFAULT_WEIGHTS if f"r_{n}" in rows[0]]
+    return {n: [r[n] for r in rows] for n in names}
+
+
+def rise(ys, k=RISE_K):
+    """(mean of the last k values - mean of the first k, its standard error): the residual std around a
+    least-squares line through all values, x sqrt(2 / k). A single step's std is the wrong yardstick for a
+    mean of k steps. k shrinks to half the run when it is shorter than 2k; (nan, nan) under 4 steps."""
+    n = len(ys)
+    k = min(k, n // 2)
+    if k < 2:
+        return float("nan"), float("nan")
+    xm, ym = (n - 1) / 2, mean(ys)
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sum((i - xm) ** 2 for i in range(n))
+    sd = math.sqrt(sum((y - ym - slope * (i - xm)) ** 2 for i, y in enumerate(ys)) / max(1, n - 2))
+    return mean(ys[-k:]) - mean(ys[:k]), sd * math.sqrt(2 / k)
+
+
+def rise_report(rows):
+    """One console line: the rise of the training reward and of each component, in standard errors."""
+    k = min(RISE_K, len(rows) // 2)
+    parts = []
+    for name, ys in curves(rows).items():
+        d, se = rise(ys)
+        parts.append(f"{name.removeprefix('r_')} {d:+.3f} ({d / se:+.1f} s.e.)" if se > 0 else f"{name.removeprefix('r_')} {d:+.3f}")
+    return f"training reward, mean of the last {k} steps - the first {k}: " + ", ".join(parts)
+
+
+def plot_rewards(path, rows, null_rows=None, window=10):
+    """reward_vs_step.png: one panel per curve (the reward, then each component), raw per-step values faint
+    and a `window`-step moving average bold; a null run's rows, when given, drawn beside in grey."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [("run", rows, "tab:blue")] + ([("null run", null_rows, "tab:gray")] if null_rows else [])
+    names = list(curves(rows))
+    cols = min(3, len(names))
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4.2 * cols, 2.8 * -(-len(names) // cols)), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for label, rs, color in runs:
+            steps, ys = [r["step"] for r in rs if name in r], [r[name] for r in rs if name in r]
+            if not ys:
+                continue
+            smooth = [mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(steps, ys, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth, color=color, linewidth=2, label=f"{label} ({window}-step mean)")
+        ax.set_title(name.removeprefix("r_") + (" (ensemble)" if name == "reward" else ""), fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("training reward per RL step (components unweighted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(path, series, xlabel, ylabel):
-    """Line chart with pillow only: series {name: (xs, ys)}, a framed plot with 5 ticks per axis, legend at right."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 820, 440, 70, 170, 20, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for s in series.values() for x in s[0]] or [0, 1]
-    ys = [y for s in series.values() for y in s[1]] or [0, 1]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for i in range(5):
-        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        d.line([px(x), H - B, px(x), H - B + 5], fill="black")
-        d.text((px(x) - 12, H - B + 8), f"{x:.4g}", fill="black")
-        d.line([L - 5, py(y), L, py(y)], fill="black")
-        d.text((L - 50, py(y) - 6), f"{y:.3f}", fill="black")
-    d.text(((W - R + L) / 2 - 40, H - 20), xlabel, fill="black")
-    d.text((5, 3), ylabel, fill="black")
-    for k, (name, (sx, sy)) in enumerate(series.items()):
-        c = COLORS[k % len(COLORS)]
-        if len(sx) > 1:
-            d.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=c, width=2)
-        for x, y in zip(sx, sy):
-            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
-        d.line([W - R + 10, T + 10 + 16 * k, W - R + 30, T + 10 + 16 * k], fill=c, width=3)
-        d.text((W - R + 35, T + 4 + 16 * k), name, fill="black")
-    img.save(path)
+    """A line chart: series {name: (xs, ys)} on one axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Redraw a run's reward_vs_step.png and print its rise statistic.")
+    p.add_argument("run", help="an RL run folder (holds metrics.jsonl), e.g. out/rl")
+    p.add_argument("--compare", default=None, help="a null run's folder, drawn beside (e.g. out/null/rl)")
+    args = p.parse_args(argv)
+    rows = read_metrics(os.path.join(args.run, "metrics.jsonl"))
+    null = read_metrics(os.path.join(args.compare, "metrics.jsonl")) if args.compare else None
+    plot_rewards(os.path.join(args.run, "reward_vs_step.png"), rows, null)
+    print(rise_report(rows) + ("\nnull run: " + rise_report(null) if null else ""))
+    print(f"wrote {os.path.join(args.run, 'reward_vs_step.png')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")

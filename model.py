@@ -1,7 +1,7 @@
 """
 The unified model: one Phi-style decoder over a joint vocabulary of text tokens, special tokens,
-personal-concept tokens and discrete image codes, and the loading of released weights into it
-(its samplers and scorers are in sampling.py).
+personal-concept tokens and discrete image codes; its optimizer and supervised loss; the loading of
+released weights into it (its samplers and scorers are in sampling.py).
 
 - Block = Phi-1.5's (parallel attention + MLP, partial rotary embeddings, LayerNorm, biases, GELU);
   parameter names match transformers' PhiForCausalLM, so `from_pretrained(dir)` loads such a folder.
@@ -13,6 +13,7 @@ personal-concept tokens and discrete image codes, and the loading of released we
 Image code k has id `image_offset + k`.
 """
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -20,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import sampling as S
 
 
 @dataclass
@@ -74,12 +77,7 @@ class Attention(nn.Module):
         r = self.rot  # rotary only on the first `rot` dims of each head, as in Phi
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
-        if cache is not None and torch.is_tensor(start):  # fixed shapes (compile_step): write at a
-            at = start + torch.arange(T, device=x.device)      # tensor index, attend to the whole cache
-            cache[0].index_copy_(2, at, k)
-            cache[1].index_copy_(2, at, v)
-            k, v = cache
-        elif cache is not None:  # static cache: write this chunk at [start, start+T), attend to [0, start+T)
+        if cache is not None:  # static cache: write this chunk at [start, start+T), attend to [0, start+T)
             cache[0][:, :, start:start + T] = k
             cache[1][:, :, start:start + T] = v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
@@ -169,8 +167,7 @@ class UnifiedModel(nn.Module):
     def hidden(self, idx, valid=None, pos=None, cache=None, start=0, past=None, causal=False):
         """Final-layernormed hidden states [B,T,D]. With `cache`, the chunk is written at `start` and
         attends to everything cached before it (prefill with start=0 uses the omni mask; later chunks
-        are single decode steps and see every valid earlier key). A tensor `start` is the fixed-shape
-        form used by the compiled decode step: `valid` then covers the whole cache and every key is read.
+        are single decode steps and see every valid earlier key).
         `past`: per-layer (keys, values) of a prefix (prompt_kv); `valid` then spans prefix + chunk and the
         chunk attends to every valid prefix key and to all of itself (an image block after its prompt), or
         with causal=True to itself causally (text after its prompt)."""
@@ -184,9 +181,6 @@ class UnifiedModel(nn.Module):
                 L = valid.shape[1]
                 q, k = torch.arange(L - idx.shape[1], L, device=idx.device)[:, None], torch.arange(L, device=idx.device)
                 mask = (mask & (k <= q)) | (k == q)
-        elif torch.is_tensor(start):  # fixed-shape decode step: `valid` spans the whole cache, unwritten = False
-            cols = torch.arange(valid.shape[1], device=idx.device)
-            mask = (valid | ((cols >= start) & (cols < start + idx.shape[1])))[:, None, None, :]
         elif cache is None or start == 0:
             mask = self.omni_mask(idx, valid[:, -idx.shape[1]:])
         else:
@@ -202,28 +196,18 @@ class UnifiedModel(nn.Module):
                 x = block(x, cos, sin, mask, None if cache is None else cache[i], start, None if past is None else past[i])
         return self.final_layernorm(x)
 
-    def forward(self, idx, valid=None, prompt=None, groups=None, causal=False):
+    def forward(self, idx, valid=None, prompt=None, causal=False):
         """The trainer's entry point (through the DDP wrapper, so gradients are averaged): hidden states;
         the heads below read only the rows of lm_head they need.
         prompt=(ids, valid, src): row i of idx continues prompt row src[i], whose keys/values are computed
-        once for all rows continuing it (prompt_kv); valid then covers idx only; causal: idx is text.
-        groups: [G, rows] row indices; with grad on, each group's forward is checkpointed, so backward
-        recomputes and frees one group at a time (one MaskGIT step's activations), gradients accumulating."""
+        once for all rows continuing it (prompt_kv); valid then covers idx only; causal: idx is text."""
         if valid is None:
             valid = torch.ones_like(idx, dtype=torch.bool)
-        kv = () if prompt is None else tuple(t for pair in self.prompt_kv(prompt[0], prompt[1]) for t in pair)
-
-        def run(rows, *kv):
-            if not kv:
-                return self.hidden(idx[rows], valid[rows])
-            src = prompt[2][rows]
-            past = [(kv[2 * i][src], kv[2 * i + 1][src]) for i in range(len(kv) // 2)]
-            return self.hidden_after(past, prompt[1][src], idx[rows], valid[rows], causal)
-
-        if groups is None:
-            return run(slice(None), *kv)
-        outs = [checkpoint(run, g, *kv, use_reentrant=False) if torch.is_grad_enabled() else run(g, *kv) for g in groups]
-        return torch.cat(outs)[torch.argsort(groups.flatten())]
+        if prompt is None:
+            return self.hidden(idx, valid)
+        src = prompt[2]
+        past = [(k[src], v[src]) for k, v in self.prompt_kv(prompt[0], prompt[1])]
+        return self.hidden_after(past, prompt[1][src], idx, valid, causal)
 
     def prompt_kv(self, ids, valid):
         """Per-layer (keys, values) of prompts [B,T] that nothing after them changes (omni-attention:
@@ -265,6 +249,43 @@ class UnifiedModel(nn.Module):
         dt = p.device.type  # under autocast, keys and values come out in the autocast dtype
         kw = dict(dtype=torch.get_autocast_dtype(dt)) if torch.is_autocast_enabled(dt) else {}
         return [(p.new_zeros(B, c.n_head, T, hd, **kw), p.new_zeros(B, c.n_head, T, hd, **kw)) for _ in range(n_layer or c.n_layer)]
+
+
+# ----------------------------------------------------------------------------- training
+
+WEIGHT_DECAY = 0.1  # AdamW's, on matrices only (biases, norms and rows-only training's matrices: none)
+GRAD_CLIP = 1.0     # max global gradient norm of every update, pretraining and RL
+
+
+def configure_optimizer(model, lr, warmup, total):
+    """AdamW (betas 0.9, 0.95) over the trainable weights, with `warmup` steps of linear warm-up and then a
+    cosine decay to 10% of `lr` at step `total`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # rows-only training marks its matrices no_decay: decay would move the rows it must leave alone
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_decay", False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "no_decay", False)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+    def lr_mult(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_mult)
+
+
+def supervised_loss(trunk, model, tok, batch):
+    """The pretraining loss (pretrain.collate's batch): mean NLL of the text targets + mean NLL of the image
+    targets (per-modality means), and each mean detached for logging: tensors, not floats, so the RL
+    update's replay term adds no host sync. `trunk` is what the gradient flows through (the DDP wrapper)."""
+    ids, valid, text_tgt, img_tgt = batch
+    h = trunk(ids, valid)
+    code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
+    lp_t, _ = S.token_logprobs(model, h, text_tgt, ids=tok.text_ids())
+    lp_i, _ = S.token_logprobs(model, h, img_tgt, ids=code_ids)
+    lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
+    return lt + li, lt.detach(), li.detach()
 
 
 # ----------------------------------------------------------------------------- loading weights

@@ -1,8 +1,9 @@
 """
 Supervised pretraining of the base on the embedded world's task mix, on freshly generated concepts every
 step (so the base belongs to no world), and the same examples as the RL loss's replay term (--ptx).
+train.py runs it and then evaluates the base:
 
-  python train.py --stage pretrain --threads 1          # the committed base/ recipe -> out/pretrain (~25 min, 2-core CPU)
+  OMP_NUM_THREADS=1 python train.py --stage pretrain   # the committed base/ recipe -> out/pretrain (~25 min, 2-core CPU)
   torchrun --nproc_per_node=2 train.py --stage pretrain # DDP: gloo on CPU, NCCL on CUDA
 """
 import json
@@ -15,21 +16,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import codebook
-import data
-import eval as E
+from world import codebook
+from world import data
 import model as M
-from ckpt import JsonLog, atomic_write, from_files, outputs, restore, save_checkpoint, say
-from rollouts import held_out_eval
 import sampling as S
-import tokenizer
-import worldio
+from ckpt import JsonLog, from_files, restore, save_checkpoint, say
+from world import tokenizer
+from world import worldio
 
 
 # Pretraining draws a task kind uniformly from this list, so recognition comes twice as often as the rest:
 # at an equal share the base never learned it (a constant "yes" at every checkpoint up to 2000 steps), as
 # no other task needs the image matched against the concept's description.
 PRETRAIN_KINDS = ["recognition", "recognition", "vqa", "textqa", "gen", "kgen"]
+WARMUP = 50     # optimizer steps of linear learning-rate warm-up
+LOG_EVERY = 25  # steps between metric lines
+P_UNCOND = 0.1  # share of drawing examples with the prompt dropped: CFG's unconditional branch
 
 
 def world_and_tokenizer(args, rank=0):
@@ -41,48 +43,24 @@ def world_and_tokenizer(args, rank=0):
 
 
 def new_model(args, tok):
-    cfg = M.Config(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+    cfg = M.Config(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_embd // 32, n_embd=args.n_embd,
                    n_inner=4 * args.n_embd, image_offset=tok.image_offset, codebook_size=tok.codebook_size,
                    mask_id=tok.mask_id, pad_id=tok.pad_id, boi_id=tok.boi_id, eoi_id=tok.eoi_id,
                    image_causal=args.image_mode == "ar")
     return M.UnifiedModel(cfg)
 
 
-def make_optimizer(model, args, total):
-    params = [p for p in model.parameters() if p.requires_grad]
-    # rows-only training marks its matrices no_decay: decay would move the rows it must leave alone
-    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_decay", False)]
-    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "no_decay", False)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-
-    def lr_mult(step):  # linear warm-up, then cosine decay to 10% of the peak
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        t = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_mult)
-
-
-def clip_and_step(model, opt, sched, args):
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.item()
-
-
 def pretrain_example(tok, task, rng, args):
     """(ids, text targets, image targets): targets[t] is what the head at t must predict (-1 = none).
     Text is next-token; MaskGIT image targets sit at the masked positions themselves (Show-o)."""
-    if task.kind in E.UNDERSTAND:
+    if task.kind in data.UNDERSTAND:
         prompt, ans = tok.understanding_prompt(task), tok.encode(task.answer) + [tok.eor_id]
         ids = prompt + ans
         text = [-1] * (len(prompt) - 1) + ans + [-1]
         return ids, text, [-1] * len(ids)
     # a few drawings without stated reasoning, so a generation-only ablation starts from a working base
-    reason = tok.encode(task.answer) if rng.random() > args.p_uncond else []
-    if rng.random() < args.p_uncond:  # prompt dropped: this row teaches the unconditional branch of CFG
+    reason = tok.encode(task.answer) if rng.random() > P_UNCOND else []
+    if rng.random() < P_UNCOND:  # prompt dropped: this row teaches the unconditional branch of CFG
         prompt, text = tok.uncond_prompt(), [-1, -1]
     else:
         prompt = tok.generation_prompt(task.concept, task.question, reason)
@@ -117,25 +95,14 @@ def pretrain_batch(world, tok, rng, n, args, device):
     return collate([pretrain_example(tok, t, rng, args) for t in tasks], tok.pad_id, device)
 
 
-def pretrain_loss(model, raw, tok, batch):
-    """Supervised loss: mean NLL of text targets + mean NLL of image targets (per-modality means), and
-    each mean detached for logging: tensors, not floats, so the RL update's replay term adds no host sync."""
-    ids, valid, text_tgt, img_tgt = batch
-    h = model(ids, valid)
-    code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
-    lp_t, _ = S.token_logprobs(raw, h, text_tgt, ids=tok.text_ids())
-    lp_i, _ = S.token_logprobs(raw, h, img_tgt, ids=code_ids)
-    lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
-    return lt + li, lt.detach(), li.detach()
-
-
 def pretrain(args, rank=0, world_size=1, device="cpu"):
+    """--iters supervised steps of a new model; returns (world, tokenizer, model, run folder)."""
     world, tok = world_and_tokenizer(args, rank)
     run_dir = os.path.join(args.out_dir, "pretrain")
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     raw = new_model(args, tok).to(device)
-    opt, sched = make_optimizer(raw, args, args.iters)
+    opt, sched = M.configure_optimizer(raw, args.lr, WARMUP, args.iters)
     step, seconds = 0, 0.0
     if args.resume:
         step, state = restore(run_dir, raw, opt, sched)
@@ -149,34 +116,32 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
         # data depends only on (seed, rank, step): a resumed run sees exactly the batches it would have
         rng = random.Random(f"{args.seed}/{rank}/{step}")
         raw.train()
-        loss, lt, li = pretrain_loss(model, raw, tok, pretrain_batch(world, tok, rng, args.batch, args, device))
+        loss, lt, li = M.supervised_loss(model, raw, tok, pretrain_batch(world, tok, rng, args.batch, args, device))
         loss.backward()
-        gnorm = clip_and_step(raw, opt, sched, args)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), M.GRAD_CLIP).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == args.iters:
+        if step % LOG_EVERY == 0 or step == args.iters:
             log(dict(step=step, loss=loss.item(), loss_text=lt.item(), loss_image=li.item(), grad_norm=gnorm,
                      lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 1)))
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):
             save_checkpoint(run_dir, step, raw, dict(stage="pretrain", args=vars(args)),
-                            dict(opt=opt.state_dict(), sched=sched.state_dict(), seconds=time.time() - t0), args.keep)
+                            dict(opt=opt.state_dict(), sched=sched.state_dict(), seconds=time.time() - t0))
     bar.close()
     if rank == 0:
         gen = [t for t in world.test_tasks if t.kind in ("gen", "kgen")][:16]
         save_samples(os.path.join(run_dir, "samples.png"), raw, tok, gen, args)
-        say(rank, f"evaluating the base on {len(world.test_tasks)} held-out tasks")
-        res = held_out_eval(raw, tok, world, args)
-        print("\n" + E.table({"base": res}, f"held-out concepts of {args.data_dir}, base after {step} pretraining steps"))
-        atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=1).encode())
-        say(rank, outputs(run_dir))
-    return raw
+    return world, tok, raw, run_dir
 
 
 def save_samples(path, model, tok, tasks, args):
     """PNG grid: each generation task's prompt, the model's reasoning and its drawing."""
-    texts = E.answer(model, tok, [tok.understanding_prompt(t) for t in tasks], args.max_text)[0]
+    texts = S.answer(model, tok, [tok.understanding_prompt(t) for t in tasks], args.max_text)[0]
     prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(tasks, texts)]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
-    codes = E.draw(model, tok, prompts, args, args.eval_temperature, g)["codes"]
+    codes = S.draw(model, tok, prompts, args.steps, args.cfg, args.maskgit_sampler, 1.0, g)["codes"]
     worldio.save_grid(path, [codebook.render(c) for c in codes], [f"{t.question} | {x}" for t, x in zip(tasks, texts)])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-import data
+from world import data
 
 
 @dataclass

@@ -121,36 +121,10 @@ def token_logprobs(model, h, targets, ids=None, temperature=1.0, chunk=0):
 
 # ----------------------------------------------------------------------------- text sampling
 
-_COMPILED = {}  # the compiled decode step, made once per process so its graphs are reused across calls
-BUCKET = 64     # compile_step rounds the cache length up to a multiple of this: one graph per bucket
-
-
-def _decode_step(model, tok, valid, pos, cache, start):
-    return model.hidden(tok, valid, pos=pos, cache=cache, start=start)[:, -1]
-
-
-def decode_step(compile_step):
-    """The single-token decode step, eager or compiled (fixed shapes: start is a tensor, so one graph
-    serves every position; a new batch size or length bucket compiles a new graph)."""
-    if not compile_step:
-        return _decode_step
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED["step"]
-
-
 @torch.no_grad()
-def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top_k=0, generator=None,
-                compile_step=False, reuse_prompt=True):
+def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, generator=None, reuse_prompt=True):
     """Batched KV-cache decoding. prompts: list of id lists. allowed: LongTensor of ids the text may use.
-    Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution
-    (top-k only truncates sampling; keep it 0 for RL so sampler and scorer see the same distribution).
-    compile_step=True runs each single-token step through torch.compile with fixed shapes: the cache
-    length is rounded up to a multiple of BUCKET and every step attends to all of it under a mask, so
-    one graph per (batch size, bucket) serves all positions. Same tokens, log-probs within 1e-5. The
-    first call per shape pays the compile (inductor; on CPU it builds C++ with the system compiler,
-    tens of seconds), so it pays off only for long or repeated decodes; off by default. Default
-    inductor mode: CUDA graphs ("reduce-overhead") would skip this step, as it writes the cache in place.
+    Greedy when temperature == 0. Log-probs are those of the tempered, vocabulary-masked distribution.
     reuse_prompt: each distinct prompt is prefilled once and its cache rows copied (a group's G rollouts
     share one prompt); same tokens, log-probs within float noise.
     Returns tokens [B,N], logprobs [B,N], valid [B,N] (False after a row's stop token)."""
@@ -159,7 +133,7 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     B, T = ids.shape
     allowed = allowed.to(dev)
     stop = torch.tensor(stop_ids, device=dev)
-    L = -(-(T + max_new) // BUCKET) * BUCKET if compile_step else T + max_new
+    L = T + max_new
     cache = model.new_cache(B, L)
     if reuse_prompt:
         uniq, src = unique_prompts(prompts, dev)
@@ -174,31 +148,45 @@ def sample_text(model, prompts, max_new, allowed, stop_ids, temperature=1.0, top
     toks = torch.full((B, max_new), model.cfg.pad_id, dtype=torch.long, device=dev)
     lps = torch.zeros(B, max_new, device=dev)
     alive = torch.ones(B, dtype=torch.bool, device=dev)
-    step, rows = decode_step(compile_step), head_rows(model, allowed)
+    rows = head_rows(model, allowed)
     for t in range(max_new):
         lp = subset_logprobs(model, h, allowed, temperature, rows)
-        j = pick(lp, temperature, top_k, generator)
+        j = pick(lp, temperature, generator)
         tok = torch.where(alive, allowed[j], model.cfg.pad_id)
         toks[:, t], lps[:, t], valid[:, T + t] = tok, lp.gather(-1, j[:, None])[:, 0] * alive, alive
         alive = alive & ~torch.isin(tok, stop)
         if t == max_new - 1 or not alive.any():  # a host sync per token; the decode is short
             break
-        if compile_step:  # whole-cache mask and a tensor start: the same shapes at every position
-            h = step(model, tok[:, None], valid, pos + t, cache, torch.tensor(T + t, device=dev))
-        else:
-            h = step(model, tok[:, None], valid[:, :T + t + 1], pos + t, cache, T + t)
+        h = model.hidden(tok[:, None], valid[:, :T + t + 1], pos=pos + t, cache=cache, start=T + t)[:, -1]
     return toks, lps, valid[:, T:T + max_new]
 
 
-def pick(lp, temperature, top_k=0, generator=None):
+def pick(lp, temperature, generator=None):
     """Index sampled from log-probs lp [..., K] (argmax when temperature == 0)."""
     if not temperature:
         return lp.argmax(-1)
-    if top_k:
-        kth = lp.topk(min(top_k, lp.shape[-1]), dim=-1).values[..., -1:]
-        lp = lp.masked_fill(lp < kth, -float("inf"))
     p = lp.exp().reshape(-1, lp.shape[-1])
     return torch.multinomial(p, 1, generator=generator).view(lp.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- answers and drawings
+
+@torch.no_grad()
+def answer(model, tok, prompts, max_new, temperature=0.0, generator=None):
+    """Decode a text answer for each prompt; returns (strings, tokens, logprobs, valid)."""
+    toks, lps, valid = sample_text(model, prompts, max_new, tok.text_ids(), [tok.eor_id], temperature, generator)
+    texts = [tok.decode(t[v & (t != tok.eor_id)]) for t, v in zip(toks, valid)]
+    return texts, toks, lps, valid
+
+
+@torch.no_grad()
+def draw(model, tok, prompts, steps, cfg, sampler, temperature, generator=None, stop=None, state=None, reuse_prompt=True):
+    """Image codes for generation prompts (ending with <boi>): MaskGIT (`steps`, `sampler`) or AR, as the
+    model was trained, with classifier-free guidance `cfg` (its rows batched with the conditional ones)."""
+    uncond, n = [tok.uncond_prompt()] * len(prompts), tok.n_image_tokens
+    if model.cfg.image_causal:
+        return sample_ar_image(model, prompts, uncond, n, cfg, temperature, generator, stop, state)
+    return sample_maskgit(model, prompts, uncond, n, steps, cfg, temperature, generator, state, stop, sampler, reuse_prompt)
 
 
 # ----------------------------------------------------------------------------- MaskGIT images
@@ -267,7 +255,7 @@ def gumbel(like, generator=None):
 
 @torch.no_grad()
 def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=1.0, generator=None,
-                   state=None, stop=None, two_pass=False, sampler="plain", reuse_prompt=True):
+                   state=None, stop=None, sampler="plain", reuse_prompt=True):
     """MaskGIT: start all-masked; each step predicts every masked token, commits the most confident
     (confidence = log-prob of the sampled code), re-masks the rest on a cosine schedule.
     prompts end with <boi>. `stop=k` returns after k steps; pass the returned state back to finish.
@@ -290,10 +278,8 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
     pre_valid = pre_valid[src]
     ones = torch.ones(len(ids), N, dtype=torch.bool, device=dev)
 
-    def fwd(r, inp, v):  # the rows r of one step's forward
-        if kv is None:
-            return model.hidden(inp[r], v[r])
-        return model.hidden_after([(k_[r], v_[r]) for k_, v_ in kv], pre_valid[r], inp[r], v[r])
+    def fwd(inp, v):  # one step's forward, conditional and unconditional rows batched
+        return model.hidden(inp, v) if kv is None else model.hidden_after(kv, pre_valid, inp, v)
 
     codes, lps, step_of = state["codes"].clone(), state["logprobs"].clone(), state["step_of"].clone()
     draws, showo = state["draws"].clone(), sampler == "showo"
@@ -302,10 +288,7 @@ def sample_maskgit(model, cond, uncond, n_tokens, steps, cfg_w=0.0, temperature=
         x = torch.where(codes >= 0, codes + c.image_offset, c.mask_id)
         inp, v, k = close_image(c, torch.cat((ids, x.repeat(len(ids) // B, 1)), 1), torch.cat((valid, ones), 1))
         img = slice(inp.shape[1] - k - N, inp.shape[1] - k)
-        if two_pass:  # the slow twin bench.py times: cond and uncond rows in separate forwards
-            h = torch.cat([fwd(r, inp, v)[:, img] for r in (slice(0, B), slice(B, None)) if inp[r].shape[0]])
-        else:
-            h = fwd(slice(None), inp, v)[:, img]
+        h = fwd(inp, v)[:, img]
         lp = code_logprobs(model, h[:B], h[B:], cfg_w, logit_t)
         drawn = pick(lp, logit_t, generator=generator)
         klp = lp.gather(-1, drawn[..., None])[..., 0]
@@ -345,7 +328,7 @@ def estimator_terms(estimator, step_of, s):
 
 
 def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, temperature=1.0, chunk=0, trunk=None,
-                     estimator="commit", draws=None, commit_lp=None, reuse_prompt=True, step_backward=False):
+                     estimator="commit", draws=None, commit_lp=None, reuse_prompt=True):
     """Scorer for MaskGIT rollouts: for each step s in steps_sel, rebuild that step's input (tokens
     committed before s, the rest masked) and read the log-prob of each token committed at s.
     Returns (lp [B,N], sel [B,N] bool, ent [B,N]).
@@ -354,9 +337,7 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
     [B,T,N] from the sampler); commit-remask scores a position re-masked at s by the log of the mass
     its distribution puts below that step's lowest committed log-prob (`commit_lp` [B,N], the
     sampler's), i.e. the probability that a fresh draw there would not have been kept.
-    reuse_prompt: each prompt's keys/values computed once for all its scored steps (as the sampler);
-    step_backward: each scored step's forward is checkpointed, so backward holds one step's activations
-    at a time (bounded memory whatever len(steps_sel), one more image forward); same log-probs."""
+    reuse_prompt: each prompt's keys/values computed once for all its scored steps (as the sampler)."""
     c, dev = model.cfg, model.lm_head.weight.device
     B, N = codes.shape
     pre, pre_valid, src, ids, valid = split_prompt(c, cfg_prompts(cond, uncond, cfg_w), reuse_prompt, dev)
@@ -372,8 +353,7 @@ def maskgit_logprobs(model, cond, uncond, codes, step_of, steps_sel, cfg_w=0.0, 
     rows, vrows, k = close_image(c, rows, vrows)
     order = torch.arange(r * S * B, device=dev).view(r, S, B)
     prompt = (pre, pre_valid, src[(order // (S * B) * B + order % B).flatten()]) if reuse_prompt else None
-    groups = order.transpose(0, 1).reshape(S, r * B) if step_backward else None
-    h = (trunk or model)(rows, vrows, prompt, groups)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
+    h = (trunk or model)(rows, vrows, prompt)[:, rows.shape[1] - k - N:rows.shape[1] - k].reshape(r, S, B, N, -1)
     hit = estimator_terms(estimator, step_of, s)  # [S,B,N]: commit scores the token committed at step s at s
     if estimator == "commit":
         def fn(hc, hu, t):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import magvit  # noqa: E402
+from showo import magvit  # noqa: E402
 
 CONCEPTS = {
     "bo": dict(cls="dog", info="<bo> is a small brown dog with floppy ears",

@@ -8,18 +8,18 @@ import sys
 import pytest
 from PIL import Image
 
-import ablate
+from experiments import ablate
 from eval import METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--batch", "8", "--warmup", "2", "--maskgit-steps", "4", "--max-text", "8", "--mu", "1", "--rl-warmup", "1",
-        "--dgs-cap", "8", "--dgs-batch", "4", "--sample-every", "1000", "--eval-draws", "1", "--eval-reward-prompts", "2"]
+TINY = ["--n-train-concepts", "8", "--n-test-concepts", "2", "--n-layer", "1", "--n-embd", "32",
+        "--batch", "8", "--maskgit-steps", "4", "--max-text", "8", "--mu", "1",
+        "--eval-draws", "1", "--eval-reward-prompts", "2"]
 
 
 def run(*argv):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "ablate.py"), *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "ablate.py"), *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import codebook  # noqa: E402
-import data  # noqa: E402
-from codebook import CODEBOOK, GRID, code_of, encode_image, render  # noqa: E402
-from data import Concept, KINDS, Task, find_sprite, identity_score  # noqa: E402
-from tokenizer import WordTokenizer  # noqa: E402
-import worldio  # noqa: E402
+from world import codebook  # noqa: E402
+from world import data  # noqa: E402
+from world.codebook import CODEBOOK, GRID, code_of, encode_image, render  # noqa: E402
+from world.data import Concept, KINDS, Task, find_sprite, identity_score  # noqa: E402
+from world.tokenizer import WordTokenizer  # noqa: E402
+from world import worldio  # noqa: E402
 
 RED_CIRCLE, BLUE_SQUARE = code_of("red", "circle"), code_of("blue", "square")
 GREEN_CROSS, YELLOW_TRIANGLE = code_of("green", "cross"), code_of("yellow", "triangle")

@@ -1,10 +1,13 @@
-"""Group advantages (exact values, exact zeros, compiled == eager) and the DGS sampler/controller."""
+"""Group advantages (exact values, exact zeros, compiled == eager), the null run's shuffle, and the DGS
+sampler/controller."""
 import math
 
 import pytest
 import torch
 
 import dgs
+import flags
+import train as T
 
 MODES = ("std", "nostd", "batchstd")
 
@@ -22,7 +25,7 @@ def test_advantages_by_hand():
         "batchstd": dev / (batch_std + 1e-4),
     }
     for mode in MODES:
-        A = dgs.group_advantages(R, mode)
+        A = T.group_advantages(R, mode)
         torch.testing.assert_close(A, want[mode], rtol=1e-6, atol=1e-7)
         assert torch.equal(A[1], torch.zeros(3)), mode
 
@@ -31,36 +34,30 @@ def test_all_equal_groups_give_exact_zeros():
     # seven float32 0.1s: a naive sum/G mean is off by ~7e-9, which would leak a nonzero advantage
     R = torch.cat([torch.full((1, 7), 0.1), torch.full((1, 7), 0.3), torch.rand(1, 7)])
     for mode in MODES:
-        A = dgs.group_advantages(R, mode)
+        A = T.group_advantages(R, mode)
         assert torch.equal(A[:2], torch.zeros(2, 7)), mode
         assert A[2].abs().sum() > 0
     for mode in MODES:  # whole batch equal, and single-rollout groups: 0, never NaN
         for R in (torch.full((3, 4), 0.7), torch.rand(5, 1)):
-            A = dgs.group_advantages(R, mode)
+            A = T.group_advantages(R, mode)
             assert torch.equal(A, torch.zeros_like(R)), mode
-
-
-def test_unknown_mode_raises():
-    with pytest.raises(ValueError, match="nostd"):
-        dgs.group_advantages(torch.rand(2, 3), "bogus")
 
 
 def test_compiled_matches_eager():
     torch._dynamo.reset()
-    fn = torch.compile(dgs.group_advantages, dynamic=False)
+    fn = torch.compile(T.group_advantages.eager, dynamic=False)
     g = torch.Generator().manual_seed(0)
     R = torch.rand(6, 8, generator=g)
     R[2] = 0.1
     for mode in MODES:
-        eager, comp = dgs.group_advantages(R, mode), fn(R, mode)
+        eager, comp = T.group_advantages.eager(R, mode), fn(R, mode)
         torch.testing.assert_close(comp, eager, rtol=0, atol=1e-6)
         assert torch.equal(comp[2], torch.zeros(8)), mode
 
 
-def test_zero_variance_groups_and_effective_fraction():
+def test_zero_variance_groups():
     R = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.2, 0.2000001], [0.0, 0.0, 0.0]])
     assert dgs.zero_variance_groups(R).tolist() == [True, False, False, True]
-    assert dgs.effective_fraction(R) == 0.5
     assert dgs.zero_variance_groups(torch.rand(3, 1)).all()
 
 
@@ -155,8 +152,8 @@ def test_order_counters_finish_once_and_state_dict():
         dgs.dgs_group(start, torch.tensor, finish, 4, 3, s)
     dgs.update_tau(s, 0.31)
     d = s.state_dict()
-    assert type(d) is dict and dgs.DGSState.from_dict(d) == s
-    assert dgs.DGSState.from_dict(d).state_dict() == d
+    assert type(d) is dict and dgs.DGSState(**d) == s
+    assert dgs.DGSState(**d).state_dict() == d
 
 
 def test_learnability_on_a_hand_built_batch():
@@ -181,8 +178,9 @@ def test_within_group_correlation_ignores_prompt_difficulty():
 
 
 def test_null_advantages_keep_each_groups_multiset():
-    A = {"text": torch.randn(6, 8), "image": torch.randn(6, 8)}
-    B = dgs.shuffle_within_groups(A, torch.Generator().manual_seed(0))
+    batch = T.Rollouts(r_text=torch.randn(6, 8), r_img=torch.randn(6, 8))
+    A = T.advantages(batch, flags.get_args([]), 0)
+    B = T.advantages(batch, flags.get_args(["--null-adv"]), 0)
     for k in A:
         assert torch.equal(A[k].sort(dim=1).values, B[k].sort(dim=1).values)
         assert not torch.equal(A[k], B[k])

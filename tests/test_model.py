@@ -323,27 +323,6 @@ def test_prompt_kv_reuse_equals_recompute(layout, sampler):
         assert sel.all() and torch.allclose(lp, a["logprobs"], atol=1e-5)
 
 
-@pytest.mark.parametrize("estimator,reuse,ckpt", [("commit", True, False), ("commit", False, True), ("all", True, True),
-                                                  ("commit-remask", True, False)])
-def test_step_backward_gives_the_all_at_once_gradient(estimator, reuse, ckpt):
-    """One scored MaskGIT step at a time in backward (bounded memory): the same log-probs and gradient."""
-    m = tiny_layout("nanosync")
-    m.grad_ckpt = ckpt
-    cond, uncond = [[1, 4, 5, 3], [2, 3]], [[1, 3]] * 2
-    st = S.sample_maskgit(m, cond, uncond, 16, 5, 1.5, 1.0, torch.Generator().manual_seed(2))
-    out = []
-    for step_backward in (False, True):
-        m.zero_grad()
-        lp, sel, ent = S.maskgit_logprobs(m, cond, uncond, st["codes"], st["step_of"], [1, 3, 4], 1.5, 1.0, chunk=7,
-                                          estimator=estimator, draws=st["draws"], commit_lp=st["logprobs"],
-                                          reuse_prompt=reuse, step_backward=step_backward)
-        ((lp * sel).sum() / sel.sum() + 0.1 * ent.mean()).backward()
-        out.append((lp.detach(), [p.grad.clone() for p in m.parameters()]))
-    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
-    assert sum(g.abs().sum() for g in out[1][1]) > 0
-
-
 def test_answer_scoring_with_shared_prompts_equals_full_rows():
     """Text scoring with each distinct prompt run once (a group's rollouts share it), with and without
     gradient checkpointing (the prompt's blocks checkpointed one by one): the same hidden states at every

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import codebook
-import data
+from world import codebook
+from world import data
 import rewards as R
 
 C = data.Concept("<c0>", "robot", [codebook.code_of("red", "circle"), codebook.code_of("blue", "square"),

@@ -19,19 +19,18 @@ import torch
 from PIL import Image
 
 import ckpt
-import codebook
-import data
+from world import codebook
+from world import data
 import eval as E
 import flags
-import magvit
+from showo import magvit
 import model as M
 import rewards as R
-import rollouts
 import sampling as S
-import showo
+from showo import load as showo
 import showo_fixture as F
 import train as T
-import unifybench as U
+from showo import unifybench as U
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +182,11 @@ def test_unifybench_folder_with_real_images_loads(folders):
     kgen = [t for t in bench.train_tasks if t.kind == "kgen"]
     assert kgen[1].question == "<bo> at its favourite place" and kgen[1].answer == "<bo> likes the beach"
     assert {t.kind for t in bench.test_tasks} == {"recognition", "vqa", "textqa", "kgen", "gen"}
-    assert isinstance(bench, rollouts.World)  # the RL loop's world interface, as the embedded world has it
+    for world in (bench, data.World([], [], 0)):  # the RL loop's world interface, as the embedded world has it
+        for name in ("sample_tasks", "draw_after_answer", "reward_ctx", "preview_score", "held_out", "evaluate"):
+            assert callable(getattr(type(world), name, None)), (type(world).__name__, name)
+        for name in ("codec", "test_tasks"):
+            assert hasattr(world, name), (type(world).__name__, name)
     tasks = bench.sample_tasks(["vqa"], 3, random.Random(0))
     assert all(t.image.shape == (16,) for t in tasks)
     after = bench.draw_after_answer(tasks[0])
@@ -273,31 +276,35 @@ def test_judge_hook_loads_by_name():
 
 # ----------------------------------------------------------------------------- train.py end to end
 
-TINY_RL = ["--rl-iters", "1", "--group", "3", "--rollouts", "6", "--maskgit-steps", "4", "--dgs-preview", "2", "--dgs-cap", "6",
-           "--dgs-batch", "3", "--max-text", "6", "--no-compile", "--concept-tokens", "2", "--chunk", "0", "--ckpt-every", "1"]
+TINY_RL = ["--rl-iters", "1", "--group", "3", "--rollouts", "6", "--maskgit-steps", "4", "--dgs-preview", "2",
+           "--max-text", "6", "--no-compile", "--concept-tokens", "2", "--chunk", "0", "--ckpt-every", "1"]
 
 
 def test_preset_sets_only_flags_not_given(folders):
-    args = flags.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6", "--w-clip-t=0.2"])
+    args = flags.get_args(["--preset", "showo", "--showo-dir", folders["showo_dir"], "--group", "3", "--rollouts", "6",
+                           "--rewards", "text_bleu=0.35,clip_i=0.26,judge=0.39,clip_t=0.2"])
     assert (args.group, args.rollouts, args.steps, args.rl_cfg, args.cfg, args.rl_lr, args.beta, args.eps) == (3, 6, 50, 5.0, 5.0, 1e-6, 0.01, 0.2)
-    assert (args.w_clip_t, args.w_clip_i, args.w_judge, args.w_text_bleu, args.w_identity, args.w_cycle) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
-    assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.log_ratio_clamp, args.adv) == ("showo", "all", "sum", 10.0, "nostd")
-    assert (args.reward_style, args.dgs_tau_rule) == ("released", "released")
+    w = args.rewards
+    assert (w["clip_t"], w["clip_i"], w["judge"], w["text_bleu"], w["identity"], w["cycle"]) == (0.2, 0.26, 0.39, 0.35, 0.0, 0.0)
+    assert (args.maskgit_sampler, args.image_estimator, args.loss_agg, args.adv) == ("showo", "all", "sum", "nostd")
+    assert args.reward_style == "released" and args.dgs is True
+    assert T.LOG_RATIO_CLAMP == 10  # the released log-ratio clamp (was the preset's --log-ratio-clamp 10; now always on)
+    assert flags.get_args(["--preset", "showo", "--showo-dir", "x"]).rewards == dict(w, clip_t=0.0)  # the preset's mix
     assert args.bf16 and args.grad_ckpt and not flags.get_args(["--preset", "showo", "--showo-dir", "x", "--no-bf16"]).bf16
     plain = flags.get_args([])
-    assert (plain.group, plain.steps, plain.rl_lr, plain.w_identity, plain.w_clip_i, plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
-    assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.log_ratio_clamp, plain.adv) == ("plain", "commit", "grpo", 0.0, "batchstd")
+    assert (plain.group, plain.steps, plain.rl_lr, plain.rewards["identity"], plain.rewards["clip_i"], plain.bf16) == (8, 8, 1e-4, 0.26, 0.0, False)
+    assert (plain.maskgit_sampler, plain.image_estimator, plain.loss_agg, plain.adv) == ("plain", "commit", "grpo", "batchstd")
+    assert plain.dgs is False
 
 
 @pytest.mark.parametrize("choices", [[],  # the preset: Show-o's sampler, every position at every step, token sums
                                      ["--maskgit-sampler", "plain", "--image-estimator", "commit", "--loss-agg", "grpo"],
                                      ["--image-estimator", "commit-remask", "--loss-agg", "dapo"],
                                      ["--maskgit-sampler", "plain", "--image-estimator", "masked", "--loss-agg", "dr_grpo"],
-                                     ["--loss-agg", "bnpo", "--ratio-level", "sequence", "--adv", "std", "--adv-bessel",
-                                      "--reward-style", "raw", "--dgs-tau-rule", "bounded"]])
+                                     ["--loss-agg", "bnpo", "--adv", "std", "--reward-style", "raw"]])
 def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--judge", "showo_fixture:judge_not_dark",
-                               "--w-clip-t", "0.1", "--w-dino", "0.1", "--no-bf16"] + TINY_RL + choices
+                               "--rewards", "text_bleu=0.35,clip_i=0.26,judge=0.39,clip_t=0.1,dino=0.1", "--no-bf16"] + TINY_RL + choices
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     policy = T.main(argv)
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -313,7 +320,7 @@ def test_one_sync_grpo_step_on_the_showo_path(tmp_path, folders, choices):
 
 def test_concept_rows_only_leaves_every_other_weight(tmp_path, folders):
     argv = F.flags(folders) + ["--preset", "showo", "--out-dir", str(tmp_path), "--concept-rows-only",  # preset: bf16, grad-ckpt
-                               "--rl-lr", "1e-2", "--concept-init", "image"] + TINY_RL
+                               "--rl-lr", "1e-2"] + TINY_RL
     base = M.load_showo(folders["showo_dir"], folders["tokenizer_dir"])[0].state_dict()
     after = T.main(argv).state_dict()
     V = base["embed_tokens.weight"].shape[0]
@@ -348,8 +355,8 @@ def test_bad_showo_flags_fail_clearly(folders, capsys):
         flags.get_args(["--preset", "showo"])
     assert "--preset showo needs --showo-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        flags.get_args(["--showo-dir", folders["showo_dir"], "--w-identity", "0.3"])
-    assert "exact check of the embedded world" in capsys.readouterr().err
+        flags.get_args(["--showo-dir", folders["showo_dir"], "--rewards", "identity=0.3"])
+    assert "--rewards identity: exact checks of the embedded world" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- evaluation on the test split
@@ -366,11 +373,8 @@ def test_recognition_items_of_the_released_test_files(folders):
     assert sum(t.kind == "textqa" for t in tasks) == 2  # the file's text_only entries are text_only.json's, read once
 
 
-def test_yes_no_and_first_sentence_rules():
+def test_yes_no_rule():
     assert [U.said(x) for x in ("Yes.", "no, it is not", "I do not know", "Nope", "")] == ["yes", "no", "", "", ""]
-    assert U.first_sentence("It is red! Quite. Yes?\nmore") == "It is red! Quite."  # '.' searched before '!', as released
-    assert U.first_sentence("Is it? Yes!") == "Is it? Yes!"
-    assert U.first_sentence("no mark\nsecond. line") == "no mark"
 
 
 def test_weighted_recognition_bleu_and_exact_on_hand_built_answers(monkeypatch):
@@ -382,7 +386,7 @@ def test_weighted_recognition_bleu_and_exact_on_hand_built_answers(monkeypatch):
                 (ask("textqa", "on the desk"), "on the desk"), (ask("textqa", "brown"), "")]
     monkeypatch.setattr(U, "greedy", lambda model, tok, tasks, args: [x for _, x in scripted])
     bench = types.SimpleNamespace(with_image=lambda t: t, scorers={})
-    res = U.evaluate(torch.nn.Linear(1, 1), None, bench, [t for t, _ in scripted], argparse.Namespace(eval_batch=4, eval_draws=2))
+    res = U.evaluate(torch.nn.Linear(1, 1), None, bench, [t for t, _ in scripted], argparse.Namespace(eval_draws=2))
     assert res["recognition_pos"] == pytest.approx(2 / 3) and res["recognition_neg"] == 0.5
     assert res["recognition"] == pytest.approx((2 / 3 + 0.5) / 2)  # weighted: each half counts the same
     assert res["se"]["recognition"] == pytest.approx(0.5 * math.hypot(E.stderr([1, 1, 0]), E.stderr([1, 0])))
@@ -418,7 +422,7 @@ def test_eval_of_an_rl_checkpoint_writes_next_to_it_and_keeps_other_results(tmp_
     monkeypatch.setattr(T, "held_out_eval", lambda policy, tok, world, a: seen.append(a) or held_out_eval(policy, tok, world, a))
     T.main(argv)
     # the held-out reward is the run's objective: its G and reward weights, not this command's (G 2, no CLIP-I)
-    assert (seen[0].group, seen[0].w_clip_i, seen[0].w_text_bleu) == (3, 0.26, 0.35)
+    assert (seen[0].group, seen[0].rewards["clip_i"], seen[0].rewards["text_bleu"]) == (3, 0.26, 0.35)
     step = tmp_path / "rl" / "step_000001"
     saved = json.loads((step / "eval_data.json").read_text())
     assert saved["checkpoint"] == str(step) and "clip_i" in saved["metrics"]
@@ -443,7 +447,8 @@ def test_malformed_test_file_names_it(tmp_path, folders, breakage, named):
         T.main(F.flags(dict(folders, data_dir=str(root))) + TINY_EVAL + ["--out-dir", str(tmp_path)])
 
 
-def test_first_sentence_cuts_mode_u_answer_before_drawing(monkeypatch, folders):
+def test_mode_u_and_r_draw_from_the_whole_answer(monkeypatch, folders):
+    """The drawing prompt holds the whole answer (--first-sentence, which cut mode u's at its first sentence, is gone)."""
     tok, _ = tokenizer_and_config(folders)
     tok.add_concepts(["<bo>"])
     c = U.Concept("<bo>", "dog", "a dog", ["<bo> likes the beach"], [])
@@ -451,9 +456,9 @@ def test_first_sentence_cuts_mode_u_answer_before_drawing(monkeypatch, folders):
     kgen = data.Task("kgen", c, "<bo> at its favourite place", "<bo> likes the beach")
     after = data.Task("gen", c, U.DRAW.format(tok="<bo>"), "brown")
     answer = "brown . it likes the beach"
-    monkeypatch.setattr(T.E, "answer", lambda model, tok, prompts, *a: ([answer] * len(prompts), torch.zeros(len(prompts), 1), None, None))
+    monkeypatch.setattr(T.S, "answer", lambda model, tok, prompts, *a: ([answer] * len(prompts), torch.zeros(len(prompts), 1), None, None))
     drawn = []
-    monkeypatch.setattr(T.E, "draw", lambda model, tok, prompts, *a, **k: drawn.append(prompts[0]))
-    for flag, task, gen, kept in ((False, vqa, after, answer), (True, vqa, after, "brown ."), (True, kgen, kgen, answer)):
-        rollouts.sample_partials(None, tok, task, gen, 1, flags.get_args(["--first-sentence"] if flag else []), None, None)
-        assert drawn[-1][-2 - len(tok.encode(kept)):-2] == tok.encode(kept), (flag, task.kind)  # then <eos> <soi>
+    monkeypatch.setattr(T.S, "draw", lambda model, tok, prompts, *a, **k: drawn.append(prompts[0]))
+    for task, gen, kept in ((vqa, after, answer), (kgen, kgen, answer)):
+        T.sample_partials(None, tok, task, gen, 1, flags.get_args([]), None, None)
+        assert drawn[-1][-2 - len(tok.encode(kept)):-2] == tok.encode(kept), task.kind  # then <eos> <soi>

@@ -11,9 +11,8 @@ UnifyBench folder (unifybench.py), all read from local folders and set up for tr
   Show-o left-pads text to a fixed length with pads nobody attends to; positions here count real
   tokens only, which gives the same relative rotary positions, so the same outputs.
 - Personal concepts as in UniCTokens: per concept an identifier <c> and k concept tokens <c_0>.., new
-  rows after every existing id, initialised from the class word's rows (or, for the concept tokens,
-  from the mean of the reference images' code rows); --concept-rows-only trains only those rows.
-- `PRESETS`, `apply_preset`: `--preset showo`, the paper's run, for the flags not given.
+  rows after every existing id, initialised from the class word's rows; --concept-rows-only trains only
+  those rows. (flags.py holds `--preset showo`, the paper's run.)
 - `setup(args, device)`: (world, tokenizer, policy, reference) for train.rl; each missing folder or
   key fails naming its flag or file; a reward whose scorer is not given is switched off, said in one line.
 """
@@ -28,40 +27,10 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-import magvit
+from showo import magvit
 import model as M
 import rewards
-import unifybench
-
-
-PRESETS = {"showo": dict(group=9, rollouts=9, rl_cfg=5.0, cfg=5.0, steps=50, rl_lr=1e-6, beta=0.01, eps=0.2,
-                         dgs=1, credit="joint", dgs_preview=10, dgs_cap=36, dgs_batch=9, max_text=64, chunk=2048, update_steps=2,
-                         bf16=True, grad_ckpt=True, maskgit_sampler="showo",
-                         # the released loss: every position at every scored step, token sums, log-ratio clamp,
-                         # R - group mean; kept from nanosync: text policy gradient, mu = 2 (README, decisions)
-                         image_estimator="all", loss_agg="sum", log_ratio_clamp=10.0, adv="nostd",
-                         reward_style="released", dgs_tau_rule="released",  # with these a 1.3B step fits one 80 GB GPU
-                         # the released mix R = 0.65 (0.4 CLIP-I + 0.6 judge) + 0.35 BLEU; every other reward off
-                         **{f"w_{k}": 0.0 for k in rewards.DEFAULT_WEIGHTS} | dict(w_text_bleu=0.35, w_clip_i=0.26, w_judge=0.39))}
-
-
-def apply_preset(p, args, argv):
-    """Preset values for the flags not on the command line; with --showo-dir the embedded world's exact
-    image checks are off unless given (and then an error: they need the world's sprites)."""
-    for action in p._actions:  # a second parse that keeps only what the command line set
-        action.default = argparse.SUPPRESS
-    given = vars(p.parse_args(argv))
-    for k, v in PRESETS.get(args.preset, {}).items():
-        if k not in given:
-            setattr(args, k, v)
-    if args.showo_dir:
-        for k in rewards.WORLD_ONLY:
-            if given.get(f"w_{k}"):
-                p.error(f"--w-{k.replace('_', '-')} is an exact check of the embedded world; a real model "
-                        "uses --w-clip-i / --w-clip-t / --w-dino / --w-judge")
-            setattr(args, f"w_{k}", 0.0)
-    elif args.preset == "showo":
-        p.error("--preset showo needs --showo-dir (and --magvit-dir, --tokenizer-dir, --data-dir)")
+from showo import unifybench
 
 
 class ShowoTokenizer:
@@ -165,10 +134,9 @@ def init_rows(model, rows, source_ids):
         w[rows] = w[source_ids].mean(0)
 
 
-def add_concepts(model, tok, world, k, init="class"):
+def add_concepts(model, tok, world, k):
     """Identifier + k concept tokens per concept into tokenizer and model; returns all their ids.
-    Rows start at the class word (an untrained concept already reads as "a dog"); init="image" starts
-    the concept tokens at the mean row of the codes of the concept's reference images."""
+    Rows start at the class word (an untrained concept already reads as "a dog")."""
     names = []
     for c in world.concepts:
         c.soft = [f"<{c.name}_{i}>" for i in range(k)]
@@ -179,9 +147,6 @@ def add_concepts(model, tok, world, k, init="class"):
     for c in world.concepts:
         rows = [tok.concept_ids[s] for s in [c.token] + c.soft]
         init_rows(model, rows, tok.hf.encode(" " + c.cls, add_special_tokens=False))
-        if init == "image" and k:
-            codes = torch.cat([world.image_codes(p) for p in c.images])
-            init_rows(model, rows[1:], (tok.image_offset + codes).tolist())
     return ids
 
 
@@ -237,12 +202,12 @@ def load_scorers(args, device, say):
     if args.judge:
         scorers["judge"] = load_callable(args.judge)
     off = [f"{name} (no {rewards.SCORER_FLAGS[need]})" for name, need in rewards.REAL_ONLY.items()
-           if getattr(args, "w_" + name) and need not in scorers]
-    for name, need in rewards.REAL_ONLY.items():
+           if args.rewards.get(name) and need not in scorers]
+    for name, need in rewards.REAL_ONLY.items():  # said in one line below; the run's meta keeps what ran
         if need not in scorers:
-            setattr(args, "w_" + name, 0.0)
+            args.rewards[name] = 0.0
     if args.dgs and "clip" not in scorers:
-        args.dgs = 0
+        args.dgs = False
         off.append("DGS (its preview score needs --clip-dir)")
     if off:
         say("off: " + ", ".join(off))
@@ -261,7 +226,7 @@ def setup(args, device="cpu", say=print):
         raise ValueError(f"{args.magvit_dir}: a codebook of {2 ** vq.cfg.z_channels} codes, but {args.showo_dir}/config.json "
                          f"wants {sc['codebook_size']} codes on a square grid of {sc['num_vq_tokens']}")
     world = unifybench.Bench(args.data_dir, magvit.MagvitCodec(vq, grid))
-    rows = add_concepts(policy, tok, world, args.concept_tokens, args.concept_init)
+    rows = add_concepts(policy, tok, world, args.concept_tokens)
     policy.grad_ckpt = args.grad_ckpt
     policy.to(device)
     # the frozen reference is copied before any gradient hook; it stays fp32 (under --bf16 autocast

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from codebook import CODEBOOK, COLOURS, SHAPES, code_name, encode_image, render
-from data import (Concept, FACT_KINDS, Friend, GEN, IMAGE_QA, KGEN, REGIONS, TEXTQA, Task, World, _ask, fact_answer,
+from world.codebook import CODEBOOK, COLOURS, SHAPES, code_name, encode_image, render
+from world.data import (Concept, FACT_KINDS, Friend, GEN, IMAGE_QA, KGEN, REGIONS, TEXTQA, Task, World, _ask, fact_answer,
                   gen_task, hard_negative, kgen_task, make_world, posed_scene)
 
 N_REFERENCE = 6  # reference images under concept/train/<cname>/

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import eval as E
-from codebook import CODEBOOK, COLOURS, GRID, N_IMG, SHAPES, WorldCodec, as_list, code_name, code_of, object_text
+from world.codebook import CODEBOOK, COLOURS, GRID, N_IMG, SHAPES, WorldCodec, as_list, code_name, code_of, object_text
 
 REGIONS = ["top left", "top right", "bottom left", "bottom right"]
 CLASSES = ["robot", "ghost", "bird", "plant", "cat", "dog", "fish", "frog", "owl", "fox", "bear", "mouse",
            "snail", "crab", "bee", "duck", "lion", "tiger", "wolf", "horse", "sheep", "goat", "pig", "cow",
            "deer", "seal", "whale", "shark", "snake", "bat"]
 KINDS = ["recognition", "vqa", "textqa", "gen", "kgen"]
+UNDERSTAND = ("recognition", "vqa", "textqa")  # the kinds answered in text; gen and kgen are drawn
 FACT_KINDS = ["hat", "carry", "corner"]  # order of Concept.facts and of the kgen requests
 
 ROWS = {"top": (1, 2), "bottom": (5, 6)}
@@ -167,7 +168,7 @@ class World:
     def evaluate(self, model, tok, args):
         """Every held-out metric over test_tasks: its mean, its standard error and its per-item scores
         (for paired comparisons). Text greedy, and sampled at temperature 1 (--eval-draws samples per
-        question); each drawing request drawn --eval-draws times at --eval-temperature. Every sample comes
+        question); each drawing request drawn --eval-draws times at temperature 1. Every sample comes
         from a fixed seed, so two models are compared under the same sampling noise (argmax MaskGIT commits
         background everywhere first and draws near-empty images, so drawings are always sampled). An item is
         a question or a request: the mean over its samples, so the standard error counts prompts, not
@@ -175,9 +176,9 @@ class World:
         model.eval()
         k, mean = args.eval_draws, E.mean
         items = {m: [] for m in E.METRICS if m != "recognition"}
-        und = [t for t in self.test_tasks if t.kind in E.UNDERSTAND]
+        und = [t for t in self.test_tasks if t.kind in UNDERSTAND]
         gen = [t for t in self.test_tasks if t.kind in ("gen", "kgen")]
-        for chunk in E.batches(und, args.eval_batch):
+        for chunk in E.batches(und, E.EVAL_BATCH):
             texts, sampled = E.greedy_and_sampled(model, tok, chunk, args)
             for i, (t, text) in enumerate(zip(chunk, texts)):
                 ok = answer_correct(t, text)
@@ -186,11 +187,11 @@ class World:
                 else:
                     items[t.kind].append(ok)
                     items[t.kind + "_sampled"].append(mean(answer_correct(t, x) for x in sampled[i * k:(i + 1) * k]))
-        for chunk in E.batches(gen, max(1, args.eval_batch // k)):
+        for chunk in E.batches(gen, max(1, E.EVAL_BATCH // k)):
             texts, sampled = E.greedy_and_sampled(model, tok, chunk, args)
             draw_prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in zip(chunk, texts)]
             g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
-            codes = E.draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
+            codes = E.draw(model, tok, [p for p in draw_prompts for _ in range(k)], args, g)
             for i, (t, text) in enumerate(zip(chunk, texts)):
                 drawn = codes[i * k:(i + 1) * k]
                 items["identity"].append(mean(identity_score(t.concept, c) for c in drawn))

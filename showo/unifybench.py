@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import data
+from world import data
 import eval as E
+import sampling as S
 import rewards
-import worldio
+from world import worldio
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 DRAW = "a photo of {tok}"  # mode u's drawing request after the answer
@@ -261,17 +262,6 @@ class Bench:
         return evaluate(model, tok, self, self.test_tasks, args)
 
 
-def first_sentence(text):
-    """The released code's cut of mode u's answer before drawing (after its LLM rewrite, which nanosync
-    has not): the first line, up to the first '.', or if it has none the first '!', else the first '?'
-    (searched in that order, not by position); the whole line if it has none of them."""
-    line = text.split("\n", 1)[0]
-    for mark in ".!?":
-        if mark in line:
-            return line[:line.index(mark) + 1]
-    return line
-
-
 # ----------------------------------------------------------------------------- held-out evaluation
 
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa_bleu", "vqa_exact", "textqa_bleu", "textqa_exact",
@@ -285,7 +275,7 @@ DRAWN = {"clip_i": ("clip", rewards.clip_i), "clip_t": ("clip", rewards.clip_t),
 @torch.no_grad()
 def evaluate(model, tok, bench, tasks, args):
     """UnifyBench metrics of `tasks` (load_tasks(..., "test")), as eval.summary gives them: answers and
-    each request's reasoning greedy, then --eval-draws drawings per request at --eval-temperature from
+    each request's reasoning greedy, then --eval-draws drawings per request at temperature 1 from
     fixed seeds (an item is a question or a request: the mean over its drawings). A drawing metric whose
     scorer bench.scorers lacks is left out (`skipped` says why)."""
     model.eval()
@@ -295,16 +285,16 @@ def evaluate(model, tok, bench, tasks, args):
         for name, v in text_scores(t, text).items():
             items.setdefault(name, []).append(v)
     requests = [(t, x) for t, x in zip(tasks, answers) if t.kind in ("gen", "kgen")]
-    for chunk in E.batches(requests, max(1, args.eval_batch // args.eval_draws)):
+    for chunk in E.batches(requests, max(1, E.EVAL_BATCH // args.eval_draws)):
         for name, v in drawing_scores(model, tok, bench, chunk, args).items():
             items.setdefault(name, []).extend(v)
     return E.summary({m: items[m] for m in METRICS if m in items})
 
 
 def greedy(model, tok, tasks, args):
-    """Each task's greedy answer (a drawing request's: its reasoning), --eval-batch prompts at a time."""
-    return [x for chunk in E.batches(tasks, args.eval_batch)
-            for x in E.answer(model, tok, [tok.understanding_prompt(t) for t in chunk], args.max_text)[0]]
+    """Each task's greedy answer (a drawing request's: its reasoning), E.EVAL_BATCH prompts at a time."""
+    return [x for chunk in E.batches(tasks, E.EVAL_BATCH)
+            for x in S.answer(model, tok, [tok.understanding_prompt(t) for t in chunk], args.max_text)[0]]
 
 
 def text_scores(task, text):
@@ -324,7 +314,7 @@ def drawing_scores(model, tok, bench, chunk, args):
     k = args.eval_draws
     prompts = [tok.generation_prompt(t.concept, t.question, tok.encode(x)) for t, x in chunk]
     g = torch.Generator(model.lm_head.weight.device).manual_seed(0)
-    codes = E.draw(model, tok, [p for p in prompts for _ in range(k)], args, args.eval_temperature, g)["codes"]
+    codes = E.draw(model, tok, [p for p in prompts for _ in range(k)], args, g)
     groups = [[rewards.Rollout(t, t, x, codes[i * k + j]) for j in range(k)] for i, (t, x) in enumerate(chunk)]
     ctx, out = bench.reward_ctx(), {}
     everyone = [r for grp in groups for r in grp]

@@ -1,29 +1,30 @@
 """
 Sync-R1's four claims in miniature: every ablation x seed through train.py, one run at a time.
 
-  python ablate.py                      # full suite: ~50 min on the 2-core CPU (run lengths below)
-  python ablate.py --quick              # smoke check: 1 seed, small world, short runs (< 10 min)
-  python ablate.py --table-only         # table.md, claims.md and plots again from <out-dir>/results.json
-  python ablate.py --quick -- --lr 3e-3 # everything after `--` goes to every train.py call
+  python experiments/ablate.py                      # full suite: ~50 min on the 2-core CPU (run lengths below)
+  python experiments/ablate.py --quick              # smoke check: 1 seed, small world, short runs (< 10 min)
+  python experiments/ablate.py --table-only         # table.md, claims.md and plots again from <out-dir>/results.json
+  python experiments/ablate.py --quick -- --lr 3e-3 # everything after `--` goes to every train.py call
 
 Variants (each RL run starts from the base of its image mode):
   base / base-ar   the pretrained bases (MaskGIT / AR), no RL
   joint            Sync-GRPO in the paper's configuration (--tasks both, DGS on, cycle reward on, CFG)
   gen-only         --tasks gen, text reward weights 0 (image reward only, no reasoning text)
   und-only         --tasks und (text only: the image reward has nothing to score)
-  dgs-off          --dgs 0 (the same accepted rollouts per step, no previews)
-  no-text-reward   --w-text-exact 0 --w-text-bleu 0, tasks both
-  no-cycle-reward  --w-cycle 0
+  dgs-off          --no-dgs (the same accepted rollouts per step, no previews)
+  no-text-reward   the paper's reward mix without text_bleu, tasks both
+  no-cycle-reward  the paper's reward mix without cycle
   no-cfg           --rl-cfg 0 (no CFG in sampler and loss)
   ar               joint, from a base pretrained with --image-mode ar
 
 Full-suite run lengths (defaults): one shared base per image mode (--shared-base 1, pretrained with the
 first seed for 700 iters), then 8 RL variants x 3 seeds of 10 steps x 32 accepted rollouts (G 8); train.py
 runs with --no-compile (same numbers; saves ~15 s of compiling per run). Estimate on the 2-core CPU:
-bases ~11 min (700 iters ~4.5 min + evaluation, AR ~20% slower); per RL run ~25 s of start-up and one
-held-out evaluation (~20 s; the base's is not repeated) = 10 min for 24 runs; one step of all 8 variants ~57 s (joint 9, gen-only
-7.5, und-only 1, dgs-off 6.5, no-text 9.5, no-cycle 9.5, no-cfg 5, ar 8.5), x 3 seeds x 10 steps = 29 min.
-Total ~50 min. With --shared-base 0 every seed pretrains its own two bases (+ ~22 min), so the seeds also
+bases ~11 min (700 iters ~4.5 min + evaluation, AR ~20% slower); per RL run ~25 s of start-up and two
+held-out evaluations (~20 s each: train.py evaluates the base again, it has no flag to skip that) = 18 min for
+24 runs; one step of all 8 variants ~57 s (joint 9, gen-only 7.5, und-only 1, dgs-off 6.5, no-text 9.5,
+no-cycle 9.5, no-cfg 5, ar 8.5), x 3 seeds x 10 steps = 29 min. Total ~58 min (an estimate: these figures
+were measured before train.py was restructured; to be re-measured). With --shared-base 0 every seed pretrains its own two bases (+ ~22 min), so the seeds also
 vary the base; with the shared base they vary only RL, and the base rows have std 0.
 --quick: 1 seed, a 40 + 6 concept world, bases of 100 iters, 3 RL steps x 16 rollouts, in out/ablate-quick
 (7.5 min measured on the 2-core CPU while another training job ran).
@@ -46,18 +47,29 @@ import subprocess
 import sys
 import time
 
-from eval import METRICS, plot
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval import METRICS, plot  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TEXT_OFF = ["--w-text-exact", "0", "--w-text-bleu", "0"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where train.py is
+# The paper's reward mix on the embedded world: train.py's default mix plus the cycle reward.
+PAPER_REWARDS = {"text_bleu": 0.35, "identity": 0.26, "alignment": 0.13, "knowledge": 0.13, "cycle": 0.065}
+
+
+def rewards(**changed):
+    """train.py's --rewards spec of the paper's mix with some weights changed (the spec replaces the whole
+    mix, and a later --rewards replaces an earlier one: a variant's spec wins over PAPER's)."""
+    return ["--rewards", ",".join(f"{k}={v}" for k, v in {**PAPER_REWARDS, **changed}.items())]
+
+
+TEXT_OFF = rewards(text_bleu=0)
 # The paper's configuration, the reference every variant changes one thing of: DGS on, CFG in rollouts and
 # loss, the cycle reward on (train.py's own defaults turn these off on the embedded world; README).
-PAPER = ["--dgs", "1", "--rl-cfg", "1", "--w-cycle", "0.065"]
+PAPER = ["--dgs", "--rl-cfg", "1"] + rewards()
 VARIANTS = {  # name: (image mode of its base, train.py flags; None = the base itself, no RL)
     "base": ("maskgit", None), "joint": ("maskgit", []),
     "gen-only": ("maskgit", ["--tasks", "gen"] + TEXT_OFF), "und-only": ("maskgit", ["--tasks", "und"]),
-    "dgs-off": ("maskgit", ["--dgs", "0"]), "no-text-reward": ("maskgit", TEXT_OFF),
-    "no-cycle-reward": ("maskgit", ["--w-cycle", "0"]), "no-cfg": ("maskgit", ["--rl-cfg", "0"]),
+    "dgs-off": ("maskgit", ["--no-dgs"]), "no-text-reward": ("maskgit", TEXT_OFF),
+    "no-cycle-reward": ("maskgit", rewards(cycle=0)), "no-cfg": ("maskgit", ["--rl-cfg", "0"]),
     "base-ar": ("ar", None), "ar": ("ar", []),
 }
 LEVEL_REF = {"dgs-off": "joint"}
@@ -162,9 +174,8 @@ def run_rl(args, name, seed):
     rl = os.path.join(d, "rl")
     if not os.path.isfile(os.path.join(rl, "eval.json")):
         print(f"{name} seed {seed} -> {d}", flush=True)
-        cmd = ["--base", os.path.join(base, "pretrain"), "--seed", str(seed), "--rl-iters", str(args.rl_iters),
-               "--rollouts", str(args.rollouts), "--group", str(args.group), "--data-dir", args.data_dir, "--out-dir", d,
-               "--eval-base", "0"]  # the base row already has the base's held-out metrics
+        cmd = ["--ckpt", os.path.join(base, "pretrain"), "--seed", str(seed), "--rl-iters", str(args.rl_iters),
+               "--rollouts", str(args.rollouts), "--group", str(args.group), "--data-dir", args.data_dir, "--out-dir", d]
         train(cmd + ([] if args.compile else ["--no-compile"]) + PAPER + flags + args.extra, d, os.path.join(d, "log.txt"))
     rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
     with open(os.path.join(rl, "latest")) as f:

@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from codebook import CODEBOOK, COLOURS, N_IMG, SHAPES, object_word
-from data import CLASSES, DESCRIPTION, FACTS, GEN, GEN_REASON, IMAGE_QA, KGEN, REGIONS, TEXTQA
+from world.codebook import CODEBOOK, COLOURS, N_IMG, SHAPES, object_word
+from world.data import CLASSES, DESCRIPTION, FACTS, GEN, GEN_REASON, IMAGE_QA, KGEN, REGIONS, TEXTQA
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bor>", "<eor>", "<mask>"]
 
