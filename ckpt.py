@@ -12,6 +12,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,75 @@ class BadInput(Exception):
     was expected) as one line and exits 1. Anything else keeps its traceback: that is a bug."""
 
 
+def check_world_fits(tok, cfg, data_dir, path):
+    """The world's vocabulary layout (concept identifiers, then image codes) is the checkpoint's: a world
+    with more or fewer concepts shifts every image code's id, so it would train or score silently wrong."""
+    want = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, codebook_size=tok.codebook_size,
+                mask_id=tok.mask_id)
+    have = {k: getattr(cfg, k) for k in want}
+    if want != have:
+        raise BadInput(f"{data_dir}: its world needs a vocabulary of {want['vocab_size']} ids (image codes from id "
+                       f"{want['image_offset']}) but the checkpoint {path} has {have['vocab_size']} (image codes from "
+                       f"{have['image_offset']}); use the world (--n-train-concepts/--n-test-concepts) it was made for")
+
+
+def writable_dir(path, flag):
+    """path as a folder this run can write (made if missing), or a BadInput naming it and why."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise BadInput(f"{flag} {path}: cannot write there ({e.strerror or e}); expected a folder this user can write") from None
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, flag="--out-dir"):
+    """The run owns run_dir while it runs (a LOCK file naming its process): a second run on the same folder
+    is refused, naming the folder and the running process; a lock whose process is gone (a killed run) is
+    reported and taken over. Released on exit, whatever the exit."""
+    writable_dir(run_dir, flag)
+    path, me = os.path.join(run_dir, "LOCK"), {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}  # a lock cut by a kill while being written
+            pid = other.get("pid")
+            if isinstance(pid, int) and (other.get("host") != me["host"] or process_alive(pid)):
+                raise BadInput(f"{run_dir}: in use by another run (process {pid} on {other.get('host')}, started "
+                               f"{other.get('started')}); wait for it, or give this run another {flag}") from None
+            print(f"note: {path} was left by process {pid}, which is gone (a killed run); taking the folder over",
+                  flush=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def from_files(f, *a):
     """f(*a) for data.py's readers of a world folder, whose errors on bad files name the file."""
     try:
@@ -78,11 +149,26 @@ def from_files(f, *a):
         raise BadInput(str(e)) from None
 
 
+@contextlib.contextmanager
+def writing(path):
+    """Any failure to write under path (disk full, read-only, gone) as a BadInput naming it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError ("enforce fail ...")
+        raise BadInput(f"{path}: could not write it ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                       "is the disk full or the folder read-only?") from None
+
+
 def atomic_write(path, blob: bytes):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
@@ -91,13 +177,18 @@ def save_checkpoint(run_dir, step, model, meta, state=None, keep=2):
     name = f"step_{step:06d}"
     tmp, final = os.path.join(run_dir, name + ".tmp"), os.path.join(run_dir, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(meta, step=step, config=M.config_dict(model.cfg)), f, indent=1)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-    shutil.copymode(os.path.join(tmp, "meta.json"), os.path.join(tmp, "model.safetensors"))  # save_file makes it 0600
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "state.pt"))
+    with writing(tmp):
+        try:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(dict(meta, step=step, config=M.config_dict(model.cfg)), f, indent=1)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+            shutil.copymode(os.path.join(tmp, "meta.json"), os.path.join(tmp, "model.safetensors"))  # save_file makes it 0600
+            if state is not None:
+                torch.save(state, os.path.join(tmp, "state.pt"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+            raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(os.path.join(run_dir, "latest"), name.encode())
@@ -222,15 +313,16 @@ class JsonLog:
 
     def __call__(self, row):
         if self.f:
-            self.f.write(json.dumps(row) + "\n")
-            self.f.flush()
+            with writing(self.f.name):
+                self.f.write(json.dumps(row) + "\n")
+                self.f.flush()
 
 
 def outputs(run_dir):
     """The closing console line: what the run left in its folder."""
     names = sorted(os.listdir(run_dir))
     pngs = [n for n in names if n.startswith("rollouts_")]
-    names = [n for n in names if n not in pngs and n != "latest" and not n.startswith("step_")]
+    names = [n for n in names if n not in pngs and n not in ("latest", "LOCK") and not n.startswith("step_")]
     latest = resolve_ckpt(run_dir) if has_ckpt(run_dir) else None
     return (f"outputs in {run_dir}: " + ", ".join(names + ([f"{len(pngs)} rollouts_*.png"] if pngs else []))
             + (f"; latest checkpoint {os.path.basename(latest)}/" if latest else ""))

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 import sampling as S
-from ckpt import BadInput, amp, atomic_write, checkpoint_path, from_files, load_checkpoint, load_weights, read_checkpoint, resolve_ckpt, say
+from ckpt import (BadInput, amp, atomic_write, check_world_fits, checkpoint_path, from_files, load_checkpoint, load_weights,
+                  read_checkpoint, resolve_ckpt, say, writable_dir)
 
 METRICS = ["recognition", "recognition_pos", "recognition_neg", "vqa", "vqa_sampled", "textqa", "textqa_sampled",
            "identity", "alignment", "knowledge", "reasoning", "reasoning_sampled"]
@@ -141,13 +142,13 @@ def run_eval(args, held_out_eval):
     model, meta, _ = load_checkpoint(path)
     eargs = as_trained(args, meta, ("cfg", "steps", "maskgit_sampler"))
     world, tok = world_and_tokenizer(args)
-    if tok.vocab_size != model.cfg.vocab_size:
-        raise BadInput(f"{args.data_dir}: its world needs a vocabulary of {tok.vocab_size} ids but the checkpoint "
-                       f"{path} has {model.cfg.vocab_size}; use the same --n-train-concepts/--n-test-concepts")
+    check_world_fits(tok, model.cfg, args.data_dir, path)
     where = dict(data_dir=os.path.abspath(args.data_dir), seed=world.seed, train_concepts=len(world.train),
                  test_concepts=len(world.test))
     path = resolve_ckpt(path)
-    out = os.path.join(path, f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
+    folder = writable_dir(args.eval_dir or path, "--eval-dir" if args.eval_dir else "--ckpt (its folder holds the results; "
+                          "--eval-dir puts them elsewhere)")
+    out = os.path.join(folder, f"eval_{os.path.basename(where['data_dir'])}-seed{world.seed}.json")
     check_eval_file(out, where)
     say(0, f"evaluating {path} on {len(world.test_tasks)} held-out tasks")
     res = held_out_eval(model, tok, world, eargs)
@@ -186,7 +187,7 @@ def run_showo_eval(args, held_out_eval):
     if weights is not None:
         load_weights(policy, weights, path)
     where = dict(data_dir=os.path.abspath(args.data_dir), concepts=[c.name for c in world.concepts])
-    folder = path or os.path.join(args.out_dir, "eval")
+    folder = writable_dir(args.eval_dir or path or os.path.join(args.out_dir, "eval"), "--eval-dir")
     out = os.path.join(folder, f"eval_{os.path.basename(where['data_dir'])}.json")
     check_eval_file(out, where)
     if not world.test_tasks:
@@ -200,7 +201,6 @@ def run_showo_eval(args, held_out_eval):
     with amp(args.bf16, device):
         res = held_out_eval(policy, tok, world, eargs)
     res.update(skipped=skipped)
-    os.makedirs(folder, exist_ok=True)
     write_eval(out, where, checkpoint, res, f"test split of {args.data_dir}", unifybench.METRICS + ["reward"])
     return res
 

@@ -73,8 +73,9 @@ def add_rl_flags(p):
     g("--rl-lr", type=float, default=1e-4, help="RL peak learning rate (5 warm-up updates, cosine to 10%%)")
     g("--eps", type=float, default=0.2, help="clip epsilon of the PPO ratio, both sides")
     g("--beta", type=float, default=0.01, help="k3 KL weight to the frozen base (0 = no reference forward)")
-    g("--adv", default="batchstd", choices=["std", "nostd", "batchstd"],
-      help="advantage scaling: std (GRPO: group std), nostd (Dr. GRPO), batchstd (batch std, TRL's scale_rewards=batch)")
+    g("--adv", default="batchstd", choices=["std", "nostd", "batchstd", "gdpo"],
+      help="advantage scaling: std (GRPO: group std), nostd (Dr. GRPO), batchstd (batch std, TRL's scale_rewards=batch), "
+           "gdpo (each reward component normalized in its group before the weighted sum, then the batch std)")
     g("--credit", default="causal", choices=["joint", "split", "causal"],
       help="which reward each segment's advantage comes from: joint (both: text+image reward), split (text: text reward, "
            "image: image reward), causal (text: text+image reward, image: image reward)")
@@ -108,6 +109,8 @@ def add_rl_flags(p):
 
 def add_evaluation_and_showo_flags(p):
     g = p.add_argument_group("evaluation").add_argument
+    g("--eval-dir", default=None, help="folder of --stage eval's results file (default: beside the checkpoint; "
+      "with --showo-dir and no --ckpt: <out-dir>/eval)")
     g("--eval-draws", type=int, default=4, help="drawings per held-out request and temperature-1 answers per question (int)")
     g("--eval-reward-prompts", type=int, default=24, help="held-out prompts (x G rollouts) of the held-out mean "
       "reward, the RL objective (0 = skip)")
@@ -196,6 +199,11 @@ def check_args(p, args):
     if args.group < 2:
         p.error(f"--group must be at least 2, got {args.group}: an advantage is a reward minus its group's mean, "
                 "so a group of one rollout has none")
+    if args.n_test_concepts < 2:
+        p.error(f"--n-test-concepts must be at least 2, got {args.n_test_concepts}: each held-out concept's friend "
+                "needs an identifier of another held-out concept")
+    if not args.eps < 1:
+        p.error(f"--eps is the clip range of the ratio, in [0, 1); got {args.eps}")
     if args.n_embd % 32:
         p.error(f"--n-embd must be a multiple of 32 (one attention head per 32 dims), got {args.n_embd}")
     if args.preset == "showo" and not args.showo_dir:  # before the checks of the preset's own values

@@ -284,7 +284,8 @@ def supervised_loss(trunk, model, tok, batch):
     code_ids = torch.arange(tok.image_offset, tok.image_offset + tok.codebook_size)
     lp_t, _ = S.token_logprobs(model, h, text_tgt, ids=tok.text_ids())
     lp_i, _ = S.token_logprobs(model, h, img_tgt, ids=code_ids)
-    lt, li = -lp_t.sum() / (text_tgt >= 0).sum(), -lp_i.sum() / (img_tgt >= 0).sum()
+    # a small replay batch may hold no image (or no text) target: that mean is 0, not 0/0
+    lt, li = -lp_t.sum() / (text_tgt >= 0).sum().clamp(min=1), -lp_i.sum() / (img_tgt >= 0).sum().clamp(min=1)
     return lt + li, lt.detach(), li.detach()
 
 

@@ -196,7 +196,7 @@ def clip_preview_score(gens, codes, ctx):
 
 # ----------------------------------------------------------------------------- the released shaping
 # --reward-style released: the text, CLIP-I and judge scores as the released Sync-R1 code shapes them,
-# restated from its formulas (METHOD.md section 9); the raw style above stays the default.
+# restated from its formulas; the raw style above stays the default.
 
 def nltk_char_bleu(reference, candidate, weights=(0.7, 0.3), eps=0.1):
     """The released text score: NLTK's sentence BLEU over raw characters (no lower-casing), smoothing

@@ -39,17 +39,17 @@ import dgs
 import eval as E
 import rewards
 import sampling as S
-from ckpt import (BadInput, JsonLog, all_sum, amp, atomic_write, checkpoint_path, has_ckpt, load_checkpoint, outputs, resolve_ckpt, restore,
-                  rng_state, save_checkpoint, say, set_rng_state, setup_dist)
+from ckpt import (BadInput, JsonLog, all_sum, amp, atomic_write, check_world_fits, checkpoint_path, from_files, has_ckpt,
+                  load_checkpoint, outputs, resolve_ckpt, restore, rng_state, run_lock, save_checkpoint, say, set_rng_state,
+                  setup_dist)
 from flags import MIXES, get_args
-from model import configure_optimizer, supervised_loss
+from model import GRAD_CLIP, configure_optimizer, supervised_loss
 from pretrain import pretrain, pretrain_batch, world_and_tokenizer
 from world import data
 
 RL_WARMUP = 5         # optimizer updates of linear learning-rate warm-up in RL
 PTX_BATCH = 16        # supervised replay examples per update (--ptx)
 LOG_RATIO_CLAMP = 10  # |log pi/pi_old| bound before exp: the released code's overflow guard (inactive at the defaults)
-GRAD_CLIP = 1.0       # max global gradient norm, pretraining and RL
 SAMPLE_EVERY = 20     # RL steps between PNG grids of rollouts (and one at the end)
 
 # ----------------------------------------------------------------------------- the formulas
@@ -127,6 +127,18 @@ def dr_grpo_sum(x, mask):
 def rollout_sum(x, mask):
     """The released code's aggregation: token sum per rollout, mean over rollouts."""
     return (x * mask).sum(-1).mean()
+
+
+@formula
+def gdpo_advantages(comps, weights):
+    """GDPO's decoupled normalization: each reward component normalized within its group first, then the
+    weighted sum, scaled by its batch std: sum_k w_k (r_k - mean_G r_k) / (std_G r_k + 1e-4), then / (std_batch
+    + 1e-4). comps [K, P, G] unweighted components, weights [K]. A component with a wide spread can no longer
+    drown one with a narrow spread that ranks the group just as well."""
+    ref = comps[:, :, :1]
+    centred = comps - (ref + (comps - ref).mean(dim=2, keepdim=True))  # exact zeros for tied groups, as above
+    A = (weights[:, None, None] * centred / (comps.std(dim=2, keepdim=True, correction=0) + 1e-4)).sum(0)
+    return A / (A.std(correction=0) + 1e-4)
 
 
 def aggregate(x, mask, how):
@@ -292,12 +304,26 @@ def advantages(batch, args, step):
     update sizes, but no link between a rollout and its own reward."""
     text_R = batch.r_text if args.credit == "split" else batch.r_text + batch.r_img
     img_R = batch.r_img if args.credit in ("split", "causal") else batch.r_text + batch.r_img
-    A = {"text": group_advantages(text_R, args.adv), "image": group_advantages(img_R, args.adv)}
+    if args.adv == "gdpo":  # the same credit, component by component
+        image_only = args.credit in ("split", "causal")
+        A = {"text": decoupled(batch, args, [k for k in batch.comps if args.credit != "split" or k in rewards.TEXT]),
+             "image": decoupled(batch, args, [k for k in batch.comps if not image_only or k in rewards.IMAGE])}
+    else:
+        A = {"text": group_advantages(text_R, args.adv), "image": group_advantages(img_R, args.adv)}
     if args.null_adv:
         g = torch.Generator().manual_seed(random.Random(f"null/{args.seed}/{step}").randrange(2**63))
         perm = torch.rand(text_R.shape, generator=g).argsort(dim=1)
         A = {k: v.gather(1, perm.to(v.device)) for k, v in A.items()}
     return A
+
+
+def decoupled(batch, args, names):
+    """--adv gdpo's advantages [P, G] from the named components of the batch's reward (zeros if none)."""
+    P, G = batch.r_text.shape
+    if not names:
+        return torch.zeros(P, G)
+    comps = torch.stack([batch.comps[k].view(P, G) for k in names])
+    return gdpo_advantages(comps, torch.tensor([args.rewards[k] for k in names]))
 
 
 # ----------------------------------------------------------------------------- the loss: current log-probs
@@ -480,13 +506,14 @@ def setup_policy(args, rank, world_size, device):
     when --ckpt pretrain has none yet)."""
     if args.showo_dir:
         from showo import load  # imported only here: the default job never loads the Show-o path
-        return (*load.setup(args, device, say=print if rank == 0 else lambda *a: None), None)
+        return (*from_files(load.setup, args, device, print if rank == 0 else lambda *a: None), None)
     base = checkpoint_path(args)
     base_eval = None
     if not has_ckpt(base):
         if args.ckpt != "pretrain":
             resolve_ckpt(base)  # raises, naming the missing path
-        run_pretrain(args, rank, world_size, device)  # embedded default: make the base once, then reuse it
+        with run_lock(base) if rank == 0 else contextlib.nullcontext():
+            run_pretrain(args, rank, world_size, device)  # embedded default: make the base once, then reuse it
         if world_size > 1:
             dist.barrier()
         if rank == 0:  # pretraining has just evaluated this very base with these flags: not again
@@ -494,6 +521,7 @@ def setup_policy(args, rank, world_size, device):
                 base_eval = json.load(f)
     world, tok = world_and_tokenizer(args, rank if base_eval is None else None)  # None: pretraining said it
     policy, meta, _ = load_checkpoint(base, device)
+    check_world_fits(tok, policy.cfg, args.data_dir, resolve_ckpt(base))
     say(rank, f"base: {resolve_ckpt(base)} (pretrained {meta['step']} steps)")
     ref = load_checkpoint(base, device)[0].requires_grad_(False).eval() if args.beta else None
     return world, tok, policy, ref, base_eval
@@ -563,8 +591,14 @@ def main(argv=None):
     if args.stage == "eval":
         return E.run_eval(args, held_out_eval)
     rank, world_size, device = setup_dist()
-    try:
-        return (run_pretrain if args.stage == "pretrain" else rl)(args, rank, world_size, device)
+    run_dir = os.path.join(args.out_dir, args.stage)
+    try:  # the run owns its folder (rank 0 holds the lock for all ranks)
+        with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+            return (run_pretrain if args.stage == "pretrain" else rl)(args, rank, world_size, device)
+    except KeyboardInterrupt:
+        latest = resolve_ckpt(run_dir) if has_ckpt(run_dir) else None
+        sys.exit(f"interrupted: the last checkpoint is {latest}; the same command with --resume continues from it"
+                 if latest else f"interrupted before the first checkpoint of {run_dir}; nothing to resume")
     finally:
         if world_size > 1:
             dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """
-A real UnifyBench folder (the personalization benchmark of UniCTokens / Sync-R1, METHOD.md section 6)
+A real UnifyBench folder (the personalization benchmark of UniCTokens / Sync-R1)
 for the Show-o path: its concepts and reference images, the tasks its files hold, and `Bench`, the
 world train.py samples RL tasks from when it trains a real model (data.World is the embedded one).
 
@@ -27,13 +27,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from world import data
 import eval as E
-import sampling as S
 import rewards
-from world import worldio
+import sampling as S
+from world import data, worldio
+from world.codebook import read_rgb
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 DRAW = "a photo of {tok}"  # mode u's drawing request after the answer
@@ -69,11 +68,7 @@ _read = worldio._read_json  # errors name the file and the missing key
 def _check_image(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    read_rgb(path)  # decoded whole: a cut file fails here, named, not in the middle of a run
     return path
 
 
@@ -106,8 +101,8 @@ def _qa(concept, path, rows, kind):
     for image, entry in rows:
         if isinstance(entry, dict) and "question" not in entry and "query" in entry:
             entry = {**entry, "question": entry["query"]}  # the released UnifyBench names the question `query`
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("question", "answer")):
-            raise ValueError(f"{path}: entry {entry!r} needs string 'question' (or 'query') and 'answer'")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip() for k in ("question", "answer")):
+            raise ValueError(f"{path}: entry {entry!r} needs a non-empty string 'question' (or 'query') and 'answer'")
         meta = {"source": path.name} | ({"image_path": str(_check_image(image))} if image else {})
         tasks.append(data.Task(kind, concept, entry["question"], entry["answer"], meta=meta))
     return tasks
@@ -212,8 +207,7 @@ class Bench:
 
     def image_codes(self, path):
         if path not in self._codes:
-            with Image.open(path) as im:
-                self._codes[path] = self.codec.encode([im.convert("RGB")])[0]
+            self._codes[path] = self.codec.encode([read_rgb(path)])[0]
         return self._codes[path]
 
     def sample_tasks(self, kinds, n, rng: random.Random):
@@ -233,7 +227,7 @@ class Bench:
 
     def references(self, concept):
         if concept.token not in self._refs:
-            self._refs[concept.token] = [Image.open(p).convert("RGB") for p in concept.images]
+            self._refs[concept.token] = [read_rgb(p) for p in concept.images]
         return self._refs[concept.token]
 
     def reward_ctx(self):

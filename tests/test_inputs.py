@@ -117,6 +117,18 @@ def test_bad_file_is_one_line_and_exit_1(run, tmp_path):
     (["--temperature", "0"], "--temperature must be positive"),
     (["--ptx=-0.3"], "--ptx must be a finite number, 0 or more"),
     (["--ptx", "0.3", "--showo-dir", "somewhere"], "--ptx replays the embedded world's pretraining mix"),
+    (["--eps", "inf"], "--eps must be a finite number"),
+    (["--eps", "nan"], "--eps must be a finite number"),
+    (["--eps", "1.5"], "--eps is the clip range of the ratio, in [0, 1)"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--rl-lr", "inf"], "--rl-lr must be a finite number"),
+    (["--rl-lr", "nan"], "--rl-lr must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--temperature", "nan"], "--temperature must be positive"),
+    (["--temperature", "inf"], "--temperature must be finite"),
+    (["--rewards", "identity=nan"], "--rewards: the weight of identity must be finite"),
+    (["--n-test-concepts", "1"], "--n-test-concepts must be at least 2"),
 ])
 def test_number_flags_are_bounded(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -178,3 +190,108 @@ def test_main_job_evaluates_the_base_once_and_says_each_phase(tmp_path, monkeypa
                   f"outputs in {tmp_path / 'rl'}: diagnostics.json, eval.json, metrics.jsonl, reward_vs_step.png"):
         assert phase in out, phase
     assert json.loads((tmp_path / "rl" / "eval.json").read_text())["base"] == json.loads((tmp_path / "pretrain" / "eval.json").read_text())
+
+
+# ----------------------------------------------------------------------------- nothing silent, round two
+
+def test_rl_refuses_a_checkpoint_of_another_world_naming_both(run, tmp_path):
+    for n in ("10", "6"):  # more concepts (every image id shifted) and fewer (ids out of range)
+        args = tiny_args(tmp_path, "--ckpt", str(run / "pretrain"), "--n-train-concepts", n,
+                         "--data-dir", str(tmp_path / f"world{n}"), "--out-dir", str(tmp_path / n))
+        with pytest.raises(ckpt.BadInput, match="vocabulary") as e:
+            T.rl(args)
+        assert str(tmp_path / f"world{n}") in str(e.value) and str(run / "pretrain" / "step_000004") in str(e.value)
+
+
+def test_a_run_owns_its_folder(tmp_path, capsys):
+    folder = tmp_path / "rl"
+    with ckpt.run_lock(str(folder)):
+        with pytest.raises(ckpt.BadInput, match=f"{folder}: in use by another run \\(process {os.getpid()}"):
+            with ckpt.run_lock(str(folder)):
+                pass
+        with pytest.raises(ckpt.BadInput, match="in use by another run"):  # the whole job refuses, before any work
+            T.main(TINY + ["--data-dir", str(tmp_path / "world"), "--out-dir", str(tmp_path), "--no-compile"])
+    assert not (folder / "LOCK").exists()  # released on exit
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder.mkdir(exist_ok=True)
+    (folder / "LOCK").write_text(json.dumps({"pid": gone.pid, "host": __import__("socket").gethostname()}))
+    with ckpt.run_lock(str(folder)):  # a killed run's lock: reported and taken over
+        assert json.loads((folder / "LOCK").read_text())["pid"] == os.getpid()
+    assert f"left by process {gone.pid}, which is gone" in capsys.readouterr().out
+    assert not (folder / "LOCK").exists()
+
+
+@pytest.mark.parametrize("damage_kind", ["cut", "not_png", "empty_answer"])
+def test_world_folder_damage_names_the_file(run, tmp_path, damage_kind):
+    world = tmp_path / "world"
+    shutil.copytree(run / "world", world)
+    test_dir = world / "concept" / "test" / json.loads((world / "world.json").read_text())["test"][0]  # a held-out concept
+    if damage_kind == "empty_answer":
+        path = test_dir / "vqa.json"
+        rows = json.loads(path.read_text())
+        rows[0]["answer"] = ""
+        path.write_text(json.dumps(rows))
+    else:
+        path = test_dir / "0.png"
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2] if damage_kind == "cut" else b"no image here")
+    with pytest.raises(ckpt.BadInput, match=str(path)):
+        pretrain.world_and_tokenizer(tiny_args(tmp_path, "--data-dir", str(world)))
+
+
+def test_output_folders_that_cannot_be_written_are_named(run, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(ckpt.BadInput, match=f"--out-dir {afile / 'pretrain'}: cannot write there"):
+        T.main(TINY + ["--stage", "pretrain", "--data-dir", str(run / "world"), "--out-dir", str(afile)])
+    calls = []
+    with pytest.raises(ckpt.BadInput, match=f"--eval-dir {afile}: cannot write there"):  # checked before evaluating
+        E.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(run / "pretrain"), "--data-dir", str(run / "world"),
+                             "--eval-dir", str(afile)), lambda *a: calls.append(a))
+    assert not calls
+    E.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(run / "pretrain"), "--data-dir", str(run / "world"),
+                         "--eval-dir", str(tmp_path / "results"), "--eval-reward-prompts", "0"), T.held_out_eval)
+    assert (tmp_path / "results" / "eval_world-seed1234.json").is_file()  # elsewhere, as asked
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path)
+    model = pretrain.new_model(args, pretrain.world_and_tokenizer(args)[1])
+    ckpt.save_checkpoint(str(tmp_path / "rl"), 1, model, {}, dict(x=torch.zeros(1)))
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ckpt.BadInput, match=f"{tmp_path / 'rl' / 'step_000002.tmp'}: could not write it .*disk full"):
+        ckpt.save_checkpoint(str(tmp_path / "rl"), 2, model, {}, dict(x=torch.zeros(1)))
+    assert sorted(os.listdir(tmp_path / "rl")) == ["latest", "step_000001"]
+    assert ckpt.resolve_ckpt(str(tmp_path / "rl")).endswith("step_000001")
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(run, tmp_path, monkeypatch):
+    shutil.copytree(run / "pretrain", tmp_path / "pretrain")
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "run_pretrain", interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(TINY + ["--stage", "pretrain", "--data-dir", str(run / "world"), "--out-dir", str(tmp_path)])
+    assert str(tmp_path / "pretrain" / "step_000004") in str(e.value.code) and "--resume" in str(e.value.code)
+    assert not (tmp_path / "pretrain" / "LOCK").exists()
+
+
+def test_replay_loss_is_finite_without_image_targets(tmp_path):
+    args = tiny_args(tmp_path)
+    world, tok = pretrain.world_and_tokenizer(args)
+    model = pretrain.new_model(args, tok)
+    tasks = data.make_tasks(world, ["textqa"], 4, seed=0)  # answers only: no image target in the batch
+    batch = pretrain.collate([pretrain.pretrain_example(tok, t, None, args) for t in tasks], tok.pad_id, "cpu")
+    loss, lt, li = ckpt.M.supervised_loss(model, model, tok, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and li.item() == 0.0 and lt.item() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_missing_showo_folder_on_the_rl_path_is_one_line(tmp_path):
+    with pytest.raises(ckpt.BadInput, match=f"--showo-dir {tmp_path / 'nope'}: not found"):
+        T.main(["--showo-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path), "--no-compile"])

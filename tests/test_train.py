@@ -329,3 +329,21 @@ def test_committed_base_fits_the_default_world_and_flags():
     assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head) == (args.n_layer, args.n_embd, args.n_embd // 32)
     assert meta["step"] == args.iters and not model.cfg.image_causal
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def test_gdpo_normalizes_each_reward_before_the_sum():
+    """Two components of one group, one 10x wider than the other: summed raw, the wide one decides the order;
+    normalized per component first (--adv gdpo), both count."""
+    wide, narrow = torch.tensor([0.0, 10.0, 0.0, 10.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    A = T.gdpo_advantages(torch.stack([wide, narrow])[:, None], torch.tensor([0.5, 0.5]))[0]
+    z = lambda r: (r - r.mean()) / (r.std(correction=0) + 1e-4)
+    want = 0.5 * z(wide) + 0.5 * z(narrow)  # [0.366, 0.211, -0.789, 0.211]
+    assert torch.allclose(A, want / (want.std(correction=0) + 1e-4), atol=1e-5)
+    assert A[0] > A[1] == A[3] > A[2]
+    raw = T.group_advantages((0.5 * wide + 0.5 * narrow)[None], "batchstd")[0]
+    assert raw[0] < raw[1]  # the raw sum ranks rollout 0 below 1: the narrow component is drowned
+    batch = T.Rollouts(r_text=torch.zeros(1, 4), r_img=(0.5 * wide + 0.5 * narrow)[None],
+                       comps={"identity": wide, "alignment": narrow})
+    args = flags.get_args(["--adv", "gdpo", "--rewards", "identity=0.5,alignment=0.5"])
+    adv = T.advantages(batch, args, 0)
+    assert torch.allclose(adv["image"][0], A, atol=1e-6) and torch.allclose(adv["text"][0], A, atol=1e-6)  # causal credit

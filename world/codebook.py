@@ -75,12 +75,21 @@ def render(codes):
     return Image.fromarray(cells.transpose(0, 2, 1, 3, 4).reshape(GRID * CELL, GRID * CELL, 3))
 
 
+def read_rgb(path):
+    """The RGB pixels of an image file, fully decoded here: a cut or foreign file is a ValueError naming it
+    (PIL opens lazily and would otherwise fail later, naming nothing)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
 def encode_image(image):
     """Image or path -> LongTensor[64] of the nearest code per cell (inverts render)."""
     name = getattr(image, "filename", None) or "image"
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            name, image = str(image), opened.convert("RGB")
+        name, image = str(image), read_rgb(image)
     image, side = image.convert("RGB"), GRID * CELL
     if image.size != (side, side):
         raise ValueError(f"{name}: image is {image.size[0]}x{image.size[1]}, expected "

@@ -161,8 +161,8 @@ def _qa_tasks(concept, path, rows):
     """Tasks from (image file or None, {"question", "answer"}) rows of one file."""
     tasks, images = [], {}
     for image, entry in rows:
-        if not isinstance(entry, dict) or not {"question", "answer"} <= entry.keys():
-            raise ValueError(f"{path}: entry {entry!r} lacks key 'question' or 'answer'")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip() for k in ("question", "answer")):
+            raise ValueError(f"{path}: entry {entry!r} needs a non-empty string 'question' and 'answer'")
         kinds = ("textqa",) if image is None else ("recognition", "vqa")
         kind, meta = _parse(entry["question"], concept, path, kinds)
         if image is not None and image not in images:
