@@ -7,10 +7,12 @@ Dynamic Group Scaling (DGS) for Sync-GRPO, and the group statistics that say whe
   stopped early, its preview is scored cheaply, and it is kept only if the score beats tau;
   tau adapts once per batch toward a target acceptance rate. The loop knows nothing about
   the model: it calls `start`, `score` and `finish` callbacks.
+- `rows`, `cat_rows`: slicing a batch of rollouts into rows and joining rows again (train.collect's groups,
+  and a DGS group's kept previews).
 
 R is a [P, G] tensor: P prompts, G rollouts of the same prompt per row.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 
 import torch
 
@@ -47,6 +49,34 @@ def within_group_corr(x, y):
     x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
     den = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
     return (x * y).sum().item() / den.item() if den > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- partial batches: a batch is joined from
+# its groups, and a DGS group from single previews, so rollouts are sliced into rows and joined again
+
+def rows(p, idx):
+    """The rollouts idx of a partial batch, a train.Rollouts (lists and row tensors sliced alike, the drawing's too)."""
+    if is_dataclass(p):
+        return type(p)(**{f.name: rows(getattr(p, f.name), idx) for f in fields(p)})
+    if isinstance(p, dict):
+        return {k: rows(v, idx) for k, v in p.items()}
+    if torch.is_tensor(p) and p.dim() > 0:
+        return p[idx]
+    return [p[i] for i in idx] if isinstance(p, list) else p
+
+
+def cat_rows(parts):
+    """The rows of several partial batches, in order (text lengths padded to the longest, with zeros)."""
+    first = parts[0]
+    if is_dataclass(first):
+        return type(first)(**{f.name: cat_rows([getattr(q, f.name) for q in parts]) for f in fields(first)})
+    if isinstance(first, dict):
+        return {k: cat_rows([q[k] for q in parts]) for k in first}
+    if torch.is_tensor(first) and first.dim() > 0:
+        L = max(t.shape[-1] for t in parts) if first.dim() > 1 else None
+        return torch.cat([t if L is None else torch.nn.functional.pad(t, (0, L - t.shape[-1])) for t in parts])
+    return [x for q in parts for x in q] if isinstance(first, list) else first
+
 
 
 @dataclass

@@ -28,7 +28,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -215,42 +215,18 @@ def sample_group(model, tok, task, args, g, dgs_state, world):
 
     def start(n):  # n fresh rollouts drawn up to the preview step, one Rollouts row each
         p = sample_partials(model, tok, text_task, gen_task, n, args, g, preview_step)
-        return [rows(p, [i]) for i in range(n)]
+        return [dgs.rows(p, [i]) for i in range(n)]
 
     def score(partials):  # the world's cheap score of each preview
         return world.preview_score([gen_task] * len(partials), [q.img["pred"][0] for q in partials])
 
     def finish(partials):  # the kept previews drawn to the end, as one batch
-        p = cat_rows(partials)
+        p = dgs.cat_rows(partials)
         p = replace(p, img=draw_rollouts(model, tok, p.gen_prompts, args, g, state=p.img))
-        return [rows(p, [i]) for i in range(len(partials))]
+        return [dgs.rows(p, [i]) for i in range(len(partials))]
 
     done, stats = dgs.dgs_group(start, score, finish, args.group, dgs.CAP_PER_G * args.group, dgs_state)
-    return cat_rows(done), text_task, gen_task, stats
-
-
-def rows(p, idx):
-    """The rollouts idx of a partial batch (lists and row tensors sliced alike, the drawing's too)."""
-    if isinstance(p, Rollouts):
-        return Rollouts(**{f.name: rows(getattr(p, f.name), idx) for f in fields(p)})
-    if isinstance(p, dict):
-        return {k: rows(v, idx) for k, v in p.items()}
-    if torch.is_tensor(p) and p.dim() > 0:
-        return p[idx]
-    return [p[i] for i in idx] if isinstance(p, list) else p
-
-
-def cat_rows(parts):
-    """The rows of several partial batches, in order (text lengths padded to the longest, with zeros)."""
-    first = parts[0]
-    if isinstance(first, Rollouts):
-        return Rollouts(**{f.name: cat_rows([getattr(q, f.name) for q in parts]) for f in fields(first)})
-    if isinstance(first, dict):
-        return {k: cat_rows([q[k] for q in parts]) for k in first}
-    if torch.is_tensor(first) and first.dim() > 0:
-        L = max(t.shape[-1] for t in parts) if first.dim() > 1 else None
-        return torch.cat([t if L is None else torch.nn.functional.pad(t, (0, L - t.shape[-1])) for t in parts])
-    return [x for q in parts for x in q] if isinstance(first, list) else first
+    return dgs.cat_rows(done), text_task, gen_task, stats
 
 
 def recognizer(model, tok):
@@ -285,7 +261,7 @@ def collect(model, tok, world, args, rank, step, dgs_state, n_prompts):
     t1 = time.time()
     ctx = {"recognize": recognizer(model, tok), "reward_style": args.reward_style, **world.reward_ctx()}
     r_text, r_img, comps = rewards.ensemble(rolls, args.rewards, ctx)
-    batch = replace(cat_rows(parts), r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
+    batch = replace(dgs.cat_rows(parts), r_text=r_text.view(-1, args.group), r_img=r_img.view(-1, args.group), comps=comps,
                     text_prompts=[tok.understanding_prompt(t) for t in tasks for _ in range(args.group)] if parts[0].toks is not None else None,
                     preview=torch.tensor([s["scores"] for s in stats]) if stats else None)
     timing = dict(t_rollout=t1 - t0, t_reward=time.time() - t1)
@@ -393,13 +369,8 @@ def rl_update(model, raw, ref, tok, batch, A, opt, sched, args, ptx=None):
     stats, pending = {}, {}  # pending: 0-d tensors read back in one host sync at the end
     raw.train()
     for inner in range(args.mu):
-        loss = 0.0
-        for key, (lp, mask, ent) in score_batch(model, raw, tok, batch, args, steps_sel).items():
-            a = A[key].flatten().to(lp.device)[:, None]
-            obj, ratio = ppo_clip(lp, old[key].to(lp.device), a, args.eps)
-            kl = k3_kl(lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
-            loss = loss + aggregate(obj + args.beta * kl, mask, args.loss_agg)
-            pending.update(segment_stats(key, ratio, mask, kl, ent, a * lp.detach(), args.eps, first=inner == 0))
+        loss, seg = policy_loss(model, raw, tok, batch, A, old, ref_lp, args, steps_sel, first=inner == 0)
+        pending.update(seg)
         if ptx is not None:  # PPO-ptx: the pretraining loss anchors what RL does not ask against its drift
             l_ptx = supervised_loss(model, raw, tok, ptx)[0]
             loss = loss + args.ptx * l_ptx
@@ -415,6 +386,19 @@ def rl_update(model, raw, ref, tok, batch, A, opt, sched, args, ptx=None):
     stats.update(zip(pending, torch.stack([v.to(pending["loss"].device) for v in pending.values()]).tolist()))
     stats["effective_groups"] = 1.0 - dgs.zero_variance_groups(batch.reward()).float().mean().item()
     return stats
+
+
+def policy_loss(model, raw, tok, batch, A, old, ref_lp, args, steps_sel, first=False):
+    """The Sync-GRPO loss of a batch under the current policy: per segment (text, image) the clipped surrogate
+    plus beta x the k3 KL, aggregated per modality (--loss-agg), summed; and its statistics (0-d tensors)."""
+    loss, stats = 0.0, {}
+    for key, (lp, mask, ent) in score_batch(model, raw, tok, batch, args, steps_sel).items():
+        a = A[key].flatten().to(lp.device)[:, None]
+        obj, ratio = ppo_clip(lp, old[key].to(lp.device), a, args.eps)
+        kl = k3_kl(lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
+        loss = loss + aggregate(obj + args.beta * kl, mask, args.loss_agg)
+        stats.update(segment_stats(key, ratio, mask, kl, ent, a * lp.detach(), args.eps, first))
+    return loss, stats
 
 
 @torch.no_grad()
