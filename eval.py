@@ -258,6 +258,8 @@ def rise(ys, k=RISE_K):
 def rise_report(rows):
     """One console line: the rise of the training reward and of each component, in standard errors."""
     k = min(RISE_K, len(rows) // 2)
+    if k < 2:
+        return f"training reward: {len(rows)} steps, too few for the rise statistic (it needs 4)"
     parts = []
     for name, ys in curves(rows).items():
         d, se = rise(ys)
@@ -271,6 +273,7 @@ def plot_rewards(path, rows, null_rows=None, window=10):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     runs = [("run", rows, "tab:blue")] + ([("null run", null_rows, "tab:gray")] if null_rows else [])
     names = list(curves(rows))
     cols = min(3, len(names))
@@ -281,10 +284,11 @@ def plot_rewards(path, rows, null_rows=None, window=10):
             if not ys:
                 continue
             smooth = [mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-            ax.plot(steps, ys, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, smooth, color=color, linewidth=2, label=f"{label} ({window}-step mean)")
+            ax.plot(steps, ys, color=color, alpha=0.3, linewidth=0.8, label=f"{label}, per step")
+            ax.plot(steps, smooth, color=color, linewidth=2, label=f"{label}, {window}-step mean")
         ax.set_title(name.removeprefix("r_") + (" (ensemble)" if name == "reward" else ""), fontsize=10)
         ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

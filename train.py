@@ -397,20 +397,19 @@ def policy_loss(model, raw, tok, batch, A, old, ref_lp, args, steps_sel, first=F
         obj, ratio = ppo_clip(lp, old[key].to(lp.device), a, args.eps)
         kl = k3_kl(lp, ref_lp[key]) if key in ref_lp else torch.zeros_like(lp)
         loss = loss + aggregate(obj + args.beta * kl, mask, args.loss_agg)
-        stats.update(segment_stats(key, ratio, mask, kl, ent, a * lp.detach(), args.eps, first))
+        stats.update(segment_stats(key, ratio, mask, kl, ent, args.eps, first))
     return loss, stats
 
 
 @torch.no_grad()
-def segment_stats(key, ratio, mask, kl, ent, pg, eps, first):
+def segment_stats(key, ratio, mask, kl, ent, eps, first):
     """One segment's update statistics as 0-d tensors (read back with the rest in one host sync)."""
     r = ratio[mask]
     if not r.numel():  # the sampled MaskGIT steps committed no token (few image tokens, many steps)
         return {}
     s = {f"{key}_ratio_mean": r.mean(), f"{key}_ratio_min": r.min(), f"{key}_ratio_max": r.max(),
          f"{key}_clip_frac": ((r < 1 - eps) | (r > 1 + eps)).float().mean(),
-         f"{key}_kl": batch_token_mean.eager(kl, mask), f"{key}_entropy": batch_token_mean.eager(ent, mask),
-         f"{key}_pg_var": (pg * mask).sum(-1).var()}  # spread of per-rollout PG terms
+         f"{key}_kl": batch_token_mean.eager(kl, mask), f"{key}_entropy": batch_token_mean.eager(ent, mask)}
     if first:  # on-policy: pi == pi_old up to float noise, so this must be ~0
         s[f"{key}_ratio_dev_first"] = (r - 1).abs().max()
     return {k: v.float() for k, v in s.items()}
@@ -518,8 +517,7 @@ def finish(policy, tok, world, args, step, before, run_dir):
         return say(0, outputs(run_dir))
     rows_ = E.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     E.plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), rows_)
-    if len(rows_) >= 4:
-        say(0, E.rise_report(rows_))
+    say(0, E.rise_report(rows_))
     if not args.showo_dir:
         say(0, f"evaluating the RL model on {len(world.test_tasks)} held-out tasks")
         after = held_out_eval(policy, tok, world, args)

@@ -185,7 +185,7 @@ def run_rl(args, name, seed):
     return dict(eval=read_json(os.path.join(rl, "eval.json"), "sync-grpo"), wall_s=read_json(os.path.join(d, "wall.json"), "wall_s"),
                 base=base, reward=[r["reward"] for r in rows], sampled=[r.get("dgs_attempts_per_rollout", 1.0) * rollouts for r in rows],
                 step_s=[r["t_rollout"] + r["t_reward"] + r["t_update"] for r in rows],
-                text_pg_var=mean("text_pg_var"), image_pg_var=mean("image_pg_var"), sampled_per_accepted=mean("dgs_attempts_per_rollout") or 1.0)
+                sampled_per_accepted=mean("dgs_attempts_per_rollout") or 1.0)
 
 
 def to_level(runs, gain):
@@ -230,55 +230,62 @@ def table(res):
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", f"Cells: mean ± std over seeds {res['config']['seeds']}; reward level = mean first-step training reward "
               f"(dgs-off: joint's) + {res['config']['reward_level']}; — = not reached, (k/n) = reached in k of n seeds.", "",
-              "| DGS | text_pg_var | image_pg_var | rollouts sampled per accepted | steps to level | rollouts to level |",
-              "|---|---|---|---|---|---|"]
+              "| DGS | rollouts sampled per accepted | steps to level | rollouts to level |", "|---|---|---|---|"]
     for label, n in (("on (joint)", "joint"), ("off (dgs-off)", "dgs-off")):
         if n in runs:
-            keys = ("text_pg_var", "image_pg_var", "sampled_per_accepted", "steps_to_level", "rollouts_to_level")
-            lines.append(f"| {label} | " + " | ".join(stat(col(runs, n, k), "{:.4g}" if "var" in k else "{:.1f}") for k in keys) + " |")
+            keys = ("sampled_per_accepted", "steps_to_level", "rollouts_to_level")
+            lines.append(f"| {label} | " + " | ".join(stat(col(runs, n, k), "{:.1f}") for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
-def wins(runs, a, b, metrics):
-    d = {m: mean(runs, a, "eval", m) - mean(runs, b, "eval", m) for m in metrics}
-    return d, sum(v > 0 for v in d.values()), sum(v < 0 for v in d.values())
+# two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_interval(diffs):
+    """(mean, half-width of its 95% t interval, n) of per-seed paired differences; half-width nan under 2 seeds."""
+    n = len(diffs)
+    if n < 2:
+        return (diffs[0] if diffs else float("nan")), float("nan"), n
+    return statistics.fmean(diffs), T975.get(n - 1, 1.96) * statistics.stdev(diffs) / n ** 0.5, n
+
+
+def verdict(mean, half):
+    """The rule, fixed before running: the claim reproduces when the 95% interval of the paired difference
+    excludes 0 in the claimed direction (> 0), is contradicted when it excludes 0 the other way, and is not
+    shown otherwise (also with one seed: no interval)."""
+    if half != half:  # nan
+        return "not shown (one seed: no interval)"
+    return "reproduces" if mean - half > 0 else "contradicted" if mean + half < 0 else "not shown"
+
+
+def paired(runs, a, b, metrics):
+    """Per-seed differences a - b of the mean over `metrics` (seeds both ran), as paired_interval."""
+    seeds = [s for s in runs[a] if s in runs[b]]
+    group = lambda r: statistics.fmean(r["eval"][m] for m in metrics)
+    return paired_interval([group(runs[a][s]) - group(runs[b][s]) for s in seeds])
 
 
 def claims(res):
-    """Each claim: the comparison numbers, then whether it reproduces under the stated rule."""
+    """Each claim: its paired difference over seeds with a 95% interval, and the verdict under the rule."""
     runs, out = res["runs"], []
-    fmt = lambda d: ", ".join(f"{m} {v:+.3f}" for m, v in d.items())
     need = lambda *ns: all(n in runs for n in ns)
+    line = lambda label, a, b, ms: (lambda m, h, n: f"{label}: {m:+.3f} ± {h:.3f} (n={n}): {verdict(m, h)}")(*paired(runs, a, b, ms))
     if need("joint", "base"):
-        d, _, _ = wins(runs, "joint", "base", UND + GEN)
-        ok = any(d[m] > 0 for m in UND) and any(d[m] > 0 for m in GEN)
-        out.append(f"1. RL improves understanding and generation (joint - base): {fmt(d)}. Rule: > 0 on >= 1 understanding "
-                   f"metric ({', '.join(UND)}) and >= 1 generation metric ({', '.join(GEN)}; eval.py's grouping). Reproduces: {'yes' if ok else 'no'}.")
+        out.append("1. RL improves both (joint - base, mean held-out metric): " + line("understanding", "joint", "base", UND)
+                   + "; " + line("generation", "joint", "base", GEN))
     if need("joint", "gen-only", "und-only"):
-        dg, wg, lg = wins(runs, "joint", "gen-only", GEN)
-        du, wu, lu = wins(runs, "joint", "und-only", UND)
-        out.append(f"2. Synergy: joint - gen-only on generation: {fmt(dg)} ({wg} wins, {lg} losses); joint - und-only on "
-                   f"understanding: {fmt(du)} ({wu} wins, {lu} losses). Rule: more wins than losses in both. "
-                   f"Reproduces: {'yes' if wg > lg and wu > lu else 'no'}.")
+        out.append("2. Synergy: " + line("joint - gen-only on generation", "joint", "gen-only", GEN) + "; "
+                   + line("joint - und-only on understanding", "joint", "und-only", UND))
     if need("joint", "dgs-off"):
-        reached = {n: [v for v in col(runs, n, "steps_to_level") if v is not None] for n in ("joint", "dgs-off")}
-        on, off = reached["joint"], reached["dgs-off"]
-        faster = len(on) > len(off) or (len(on) == len(off) > 0 and statistics.fmean(on) < statistics.fmean(off))
-        faster = "yes" if faster else "no" if on or off else "undecided, neither reached the level"
-        var = {k: (mean(runs, "joint", k), mean(runs, "dgs-off", k)) for k in ("text_pg_var", "image_pg_var")}
-        lower = all(a is not None and b is not None and a < b for a, b in var.values())
-        out.append(f"3. DGS: steps to level on {stat(col(runs, 'joint', 'steps_to_level'), '{:.1f}')} vs off "
-                   f"{stat(col(runs, 'dgs-off', 'steps_to_level'), '{:.1f}')} (faster: {faster}); rollouts "
-                   f"sampled to level on {stat(col(runs, 'joint', 'rollouts_to_level'), '{:.0f}')} vs off "
-                   f"{stat(col(runs, 'dgs-off', 'rollouts_to_level'), '{:.0f}')}; gradient-variance proxy on vs off: "
-                   + ", ".join(f"{k} {a:.4g} vs {b:.4g}" for k, (a, b) in var.items() if a is not None and b is not None)
-                   + f" (lower: {'yes' if lower else 'no'}). Rule: faster and lower. Reproduces: {'yes' if faster == 'yes' and lower else 'no'}.")
+        out.append(f"3. DGS: steps to the reward level on {stat(col(runs, 'joint', 'steps_to_level'), '{:.1f}')} vs off "
+                   f"{stat(col(runs, 'dgs-off', 'steps_to_level'), '{:.1f}')}; rollouts sampled to it on "
+                   f"{stat(col(runs, 'joint', 'rollouts_to_level'), '{:.0f}')} vs off {stat(col(runs, 'dgs-off', 'rollouts_to_level'), '{:.0f}')}. "
+                   "No verdict yet: the variance of the policy-gradient estimate is not measured here.")
     if need("joint", "no-text-reward", "no-cycle-reward"):
-        parts = [(n, *wins(runs, "joint", n, UND + GEN)) for n in ("no-text-reward", "no-cycle-reward")]
-        ok = all(w > l for _, _, w, l in parts)
-        out.append("4. Ensemble reward: " + "; ".join(f"joint - {n}: {fmt(d)} ({w} wins, {l} losses)" for n, d, w, l in parts)
-                   + f". Rule: more wins than losses against both. Reproduces: {'yes' if ok else 'no'}.")
-    head = f"Means over seeds {res['config']['seeds']} on the held-out concepts; wins/losses compare means, ties count neither.\n\n"
+        out.append("4. Ensemble reward: " + "; ".join(line(f"joint - {n}", "joint", n, UND + GEN) for n in ("no-text-reward", "no-cycle-reward")))
+    head = (f"Paired differences over seeds {res['config']['seeds']} (same base, same evaluation noise), mean ± the "
+            "half-width of the 95% t interval. Rule: reproduces if the interval excludes 0 in the claimed direction.\n\n")
     return head + "\n".join(out) + "\n"
 
 

@@ -47,7 +47,7 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
             assert cells[m] and "nan" not in cells[m] and cells[m] != "—", (name, m, cells[m])
     assert "DGS" in (out / "table.md").read_text()
     claims = (out / "claims.md").read_text()
-    assert all(f"{i}. " in claims and "Reproduces:" in claims for i in range(1, 5))
+    assert all(f"{i}. " in claims for i in range(1, 5)) and "not shown (one seed: no interval)" in claims
     for png in ("reward_vs_step.png", "reward_vs_rollouts.png"):
         with Image.open(out / png) as im:
             im.load()
@@ -75,7 +75,8 @@ def test_table_only_from_hand_written_results(tmp_path):
     assert rows["joint"]["reward level"] == "0.180" and rows["base"]["steps to level"] == "—"
     assert rows["joint"]["steps to level"] == "1.5 ± 0.7" and rows["joint"]["rollouts to level"] == "96.0 ± 45.3"
     assert rows["base"]["run wall s"] == "2.0 ± 1.0"
-    assert "Reproduces: yes" in (tmp_path / "claims.md").read_text()  # joint > base everywhere
+    # paired over seeds 0 and 1: 0.5 - 0.1, 0.7 - 0.2 -> mean 0.45, sd 0.0707, t(1) 12.706 x 0.05 = 0.635
+    assert "understanding: +0.450 ± 0.635 (n=2): not shown" in (tmp_path / "claims.md").read_text()
     x, y = ablate.curves(runs, True)["joint"]
     assert x == [64, 144] and y == pytest.approx([0.15, 0.35])
     for png in ("reward_vs_step.png", "reward_vs_rollouts.png"):
@@ -98,3 +99,12 @@ def test_out_dir_of_another_setup_is_refused(tmp_path):
     (tmp_path / "setup.json").write_text(json.dumps({"iters": 1}))
     with pytest.raises(SystemExit, match="use another --out-dir"):
         ablate.main(["--out-dir", str(tmp_path), "--variants", "base"])
+
+
+def test_paired_interval_and_verdict_by_hand():
+    m, h, n = ablate.paired_interval([0.1, 0.2, 0.3])  # sd 0.1, se 0.0577, t(2) = 4.303
+    assert (m, n) == (pytest.approx(0.2), 3) and h == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert ablate.verdict(m, h) == "not shown"  # the interval [-0.048, 0.448] holds 0
+    assert ablate.verdict(*ablate.paired_interval([0.30, 0.31, 0.29, 0.30, 0.32])[:2]) == "reproduces"
+    assert ablate.verdict(*ablate.paired_interval([-0.30, -0.31, -0.29])[:2]) == "contradicted"
+    assert ablate.verdict(*ablate.paired_interval([0.5])[:2]).startswith("not shown (one seed")
