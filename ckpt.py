@@ -290,8 +290,8 @@ def rng_state():
 def set_rng_state(s):
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])  # a GPU run resumed elsewhere keeps its CPU and Python streams
 
 
 class JsonLog:

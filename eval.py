@@ -140,7 +140,9 @@ def run_eval(args, held_out_eval):
     from pretrain import world_and_tokenizer  # here: the world's own modules import this file
     path = checkpoint_path(args)
     model, meta, _ = load_checkpoint(path)
-    eargs = as_trained(args, meta, ("cfg", "steps", "maskgit_sampler"))
+    # its sampling and its reward (the held-out mean reward is the objective it trained on)
+    eargs = as_trained(args, meta, ("cfg", "steps", "maskgit_sampler", "max_text", "tasks", "group", "rewards", "rl_cfg",
+                                    "temperature"))
     world, tok = world_and_tokenizer(args)
     check_world_fits(tok, model.cfg, args.data_dir, path)
     where = dict(data_dir=os.path.abspath(args.data_dir), seed=world.seed, train_concepts=len(world.train),
@@ -159,8 +161,12 @@ def run_eval(args, held_out_eval):
 def check_eval_file(out, where):
     """A results file of another world (or folder) is never overwritten."""
     if os.path.isfile(out):
-        with open(out) as f:
-            old = json.load(f).get("world")
+        try:
+            with open(out) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{out}: expected an earlier results file (JSON) to compare worlds with ({e})") from None
+        old = old.get("world") if isinstance(old, dict) else None
         if old != where:
             raise BadInput(f"{out}: holds the results of another world ({old}); move it away to evaluate {where}")
 

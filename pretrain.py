@@ -102,6 +102,7 @@ def pretrain(args, rank=0, world_size=1, device="cpu"):
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     raw = new_model(args, tok).to(device)
+    raw.grad_ckpt = args.grad_ckpt
     opt, sched = M.configure_optimizer(raw, args.lr, WARMUP, args.iters)
     step, seconds = 0, 0.0
     if args.resume:

@@ -436,7 +436,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
     os.makedirs(run_dir, exist_ok=True)
     if args.resume:
         step, state = restore(run_dir, policy, opt, sched)
-        dgs_state = dgs.DGSState(**state["dgs"]) if state["dgs"] else None
+        dgs_state = dgs.DGSState(**state["dgs"]) if args.dgs and state["dgs"] else dgs_state  # --dgs decides
         set_rng_state(state["rng"])
         before = state["before"]
     if rank == 0 and before is None and not args.showo_dir:
@@ -504,7 +504,11 @@ def setup_policy(args, rank, world_size, device):
                 base_eval = json.load(f)
     world, tok = world_and_tokenizer(args, rank if base_eval is None else None)  # None: pretraining said it
     policy, meta, _ = load_checkpoint(base, device)
+    if args.ckpt == "pretrain" and meta["step"] < meta.get("args", {}).get("iters", 0):
+        raise BadInput(f"{resolve_ckpt(base)}: a pretraining stopped at step {meta['step']} of {meta['args']['iters']}; "
+                       "finish it first with --stage pretrain --resume (same flags)")
     check_world_fits(tok, policy.cfg, args.data_dir, resolve_ckpt(base))
+    policy.grad_ckpt = args.grad_ckpt
     say(rank, f"base: {resolve_ckpt(base)} (pretrained {meta['step']} steps)")
     ref = load_checkpoint(base, device)[0].requires_grad_(False).eval() if args.beta else None
     return world, tok, policy, ref, base_eval
@@ -570,17 +574,28 @@ def run_pretrain(args, rank, world_size, device):
 def main(argv=None):
     args = get_args(argv)
     COMPILE["on"] = args.compile
-    if args.stage == "eval":
-        return E.run_eval(args, held_out_eval)
-    rank, world_size, device = setup_dist()
+    rank, world_size, device = (0, 1, "cpu") if args.stage == "eval" else setup_dist()
     run_dir = os.path.join(args.out_dir, args.stage)
-    try:  # the run owns its folder (rank 0 holds the lock for all ranks)
-        with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+    try:
+        if args.stage == "eval":
+            return E.run_eval(args, held_out_eval)
+        with contextlib.ExitStack() as lock:  # the run owns its folder: rank 0 holds the lock for all ranks
+            failed = None
+            if rank == 0:
+                try:
+                    lock.enter_context(run_lock(run_dir))
+                except BadInput as e:
+                    failed = e
+            if world_size > 1 and all_sum([float(failed is not None)], device)[0]:  # every rank stops, none hangs
+                raise failed or BadInput(f"{run_dir}: rank 0 could not take the run's folder")
+            if failed:
+                raise failed
             return (run_pretrain if args.stage == "pretrain" else rl)(args, rank, world_size, device)
     except KeyboardInterrupt:
-        latest = resolve_ckpt(run_dir) if has_ckpt(run_dir) else None
+        latest = resolve_ckpt(run_dir) if args.stage != "eval" and has_ckpt(run_dir) else None
         sys.exit(f"interrupted: the last checkpoint is {latest}; the same command with --resume continues from it"
-                 if latest else f"interrupted before the first checkpoint of {run_dir}; nothing to resume")
+                 if latest else "interrupted: evaluation writes its results only at the end; nothing was written"
+                 if args.stage == "eval" else f"interrupted before the first checkpoint of {run_dir}; nothing to resume")
     finally:
         if world_size > 1:
             dist.destroy_process_group()

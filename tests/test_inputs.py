@@ -295,3 +295,15 @@ def test_replay_loss_is_finite_without_image_targets(tmp_path):
 def test_missing_showo_folder_on_the_rl_path_is_one_line(tmp_path):
     with pytest.raises(ckpt.BadInput, match=f"--showo-dir {tmp_path / 'nope'}: not found"):
         T.main(["--showo-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path), "--no-compile"])
+
+
+def test_rl_refuses_an_unfinished_pretraining_and_a_damaged_results_file(run, tmp_path):
+    shutil.copytree(run / "pretrain", tmp_path / "pretrain")
+    (tmp_path / "pretrain" / "latest").write_text("step_000002")  # killed after its first save
+    with pytest.raises(ckpt.BadInput, match="stopped at step 2 of 4; finish it first with --stage pretrain --resume"):
+        T.rl(tiny_args(tmp_path, "--iters", "4", "--data-dir", str(run / "world")))
+    folder = tmp_path / "pretrain" / "step_000004"
+    (folder / "eval_world-seed1234.json").write_text('{"world": ')
+    with pytest.raises(ckpt.BadInput, match="eval_world-seed1234.json: expected an earlier results file"):
+        E.run_eval(tiny_args(tmp_path, "--stage", "eval", "--ckpt", str(folder), "--data-dir", str(run / "world")),
+                   T.held_out_eval)
