@@ -6,7 +6,6 @@ train.py runs it and then evaluates the base:
   OMP_NUM_THREADS=1 python train.py --stage pretrain   # the committed base/ recipe -> out/pretrain (~25 min, 2-core CPU)
   torchrun --nproc_per_node=2 train.py --stage pretrain # DDP: gloo on CPU, NCCL on CUDA
 """
-import json
 import math
 import os
 import random

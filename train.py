@@ -479,7 +479,7 @@ def rl(args, rank=0, world_size=1, device="cpu"):
                                  dgs=dgs_state.state_dict() if dgs_state else None))
     bar.close()
     if rank == 0:
-        finish(policy, tok, world, args, step, before, run_dir)
+        end_of_run(policy, tok, world, args, step, before, run_dir)
     return policy
 
 
@@ -514,14 +514,14 @@ def setup_policy(args, rank, world_size, device):
     return world, tok, policy, ref, base_eval
 
 
-def finish(policy, tok, world, args, step, before, run_dir):
+def end_of_run(policy, tok, world, args, step, before, run_dir):
     """The run's picture and rise statistic, its held-out evaluation against the base, its outputs line."""
     if step < args.rl_iters:
         say(0, f"stopped after step {step} of {args.rl_iters}; --resume continues")
         return say(0, outputs(run_dir))
-    rows_ = E.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    E.plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), rows_)
-    say(0, E.rise_report(rows_))
+    logged = E.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    E.plot_rewards(os.path.join(run_dir, "reward_vs_step.png"), logged)
+    say(0, E.rise_report(logged))
     if not args.showo_dir:
         say(0, f"evaluating the RL model on {len(world.test_tasks)} held-out tasks")
         after = held_out_eval(policy, tok, world, args)

@@ -16,7 +16,6 @@ UnifyBench folder (unifybench.py), all read from local folders and set up for tr
 - `setup(args, device)`: (world, tokenizer, policy, reference) for train.rl; each missing folder or
   key fails naming its flag or file; a reward whose scorer is not given is switched off, said in one line.
 """
-import argparse
 import copy
 import importlib
 import math
