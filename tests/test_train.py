@@ -89,6 +89,23 @@ def test_ratio_is_one_at_first_inner_update(base, mix, sampler):
         assert (ratio - 1).abs().max() < 1e-5, key
 
 
+def test_split_half_gradients_average_to_the_batch_gradient(base):
+    """The claims suite's gradient-variance probe: two halves of whole groups, each with the batch's own
+    advantages, average to the gradient of the whole batch's policy-gradient loss."""
+    from experiments import probes
+    args, tok, policy, batch, _ = rl_batch(base, "--rollouts", "16")
+    A = T.advantages(batch, args, 0)
+    var, g = probes.batch_gradient(policy, tok, batch, A, args)
+    steps_sel = T.surprising_steps(batch.img, args.steps, args.update_steps)
+    loss = T.policy_loss(policy, policy, tok, batch, A, T.old_logprobs(policy, tok, batch, args, steps_sel), {}, args,
+                         steps_sel, first=True)[0]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    full = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
+                      for x, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+    assert var > 0 and full.abs().max() > 0
+    assert torch.allclose(g, full, rtol=1e-4, atol=1e-7)
+
+
 def test_rollout_groups_share_their_prompt(base):
     args, _, _, batch, rolls = rl_batch(base)
     for i in range(0, len(rolls), args.group):
