@@ -1,8 +1,8 @@
 """
 Sync-R1's four claims measured on the embedded world: every variant x seed through train.py, paired by seed.
 
-  python experiments/ablate.py                      # full suite: 3 seeds x 10 RL variants x 25 steps (~1 h 45 min, 2-core CPU)
-  python experiments/ablate.py --quick              # smoke check: 1 seed, small world and base, 3 steps (< 10 min)
+  python experiments/ablate.py                      # full suite: 3 seeds x 10 RL variants x 25 steps (~1 h 35 min, 2-core CPU)
+  python experiments/ablate.py --quick              # smoke check: 1 seed, small world and base, 3 steps (~6 min)
   python experiments/ablate.py --table-only         # tables, claims and plots again from <out-dir>/results.json
   python experiments/ablate.py --base pretrain -- --world-seed 7   # another world: pretrain its base first (+ ~25 min)
   python experiments/ablate.py --variants joint,null --seeds 0,1   # a subset (the base row comes with any RL variant)
@@ -378,15 +378,17 @@ def claims(res):
     return head + "\n\n".join(out) + "\n"
 
 
-def curves(runs, names, by_rollouts):
-    """Mean over seeds of the per-step training reward of `names`, against the step or the cumulative rollouts sampled."""
+def curves(runs, names, by_rollouts, minus=None):
+    """Mean over seeds of the per-step training reward of `names` (less run `minus`'s at the same seed and step:
+    the same prompts, so their noise cancels), against the step or the cumulative rollouts sampled."""
     out = {}
-    for name in (n for n in names if n in runs):
-        rs = [r for r in runs[name].values() if r.get("reward")]
+    for name in (n for n in names if n in runs and n != minus):
+        rs = {s: r for s, r in runs[name].items() if r.get("reward") and (minus is None or s in runs.get(minus, {}))}
         if rs:
-            n = min(len(r["reward"]) for r in rs)
-            y = [statistics.fmean(r["reward"][i] for r in rs) for i in range(n)]
-            x = [statistics.fmean(sum(r["sampled"][:i + 1]) for r in rs) for i in range(n)] if by_rollouts else list(range(1, n + 1))
+            n = min(len(r["reward"]) for r in rs.values())
+            ref = lambda s, i: runs[minus][s]["reward"][i] if minus else 0.0
+            y = [statistics.fmean(r["reward"][i] - ref(s, i) for s, r in rs.items()) for i in range(n)]
+            x = [statistics.fmean(sum(r["sampled"][:i + 1]) for r in rs.values()) for i in range(n)] if by_rollouts else list(range(1, n + 1))
             out[name] = (x, y)
     return out
 
@@ -399,10 +401,12 @@ def report(out_dir, gain):
     for name, s in (("table.md", text), ("claims.md", summary)):
         with open(os.path.join(out_dir, name), "w") as f:
             f.write(s)
-    same = ["joint", "null", "dgs", "gdpo"]  # runs whose training reward is the same ensemble: comparable curves
-    plot(os.path.join(out_dir, "reward_vs_step.png"), curves(res["runs"], same, False), "RL step", "mean training reward")
-    plot(os.path.join(out_dir, "reward_vs_rollouts.png"), curves(res["runs"], same[:3], True), "rollouts sampled (previews included)",
-         "mean training reward")
+    same = ["joint", "dgs", "gdpo"]  # runs trained on the null run's ensemble: the same prompts, comparable rewards
+    minus = "null" if "null" in res["runs"] else None
+    label = "training reward" + (" - null's, same prompts" if minus else "")
+    plot(os.path.join(out_dir, "reward_vs_step.png"), curves(res["runs"], same, False, minus), "RL step", label)
+    plot(os.path.join(out_dir, "reward_vs_rollouts.png"), curves(res["runs"], same[:2], True, minus),
+         "rollouts sampled (DGS previews included)", label)
     print(text + "\n" + summary)
 
 

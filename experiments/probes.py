@@ -87,11 +87,13 @@ def grad_noise(model, tok, world, args, n_batches, dgs_state=None):
     batch's gradient estimate, the squared norm of the mean gradient, and the squared distance between the
     two samplers' mean gradients less what the noise of n_batches batches explains (> 0: a bias shows)."""
     out, means = {}, {}
-    for name, state in (("dgs_off", None), ("dgs_on", dgs_state or dgs.DGSState())):
+    # the two samplers draw from different seeds (prompts and noise): with shared prompts their mean gradients
+    # would share noise, and the distance between them would understate what independent noise explains
+    for name, state, first in (("dgs_off", None, 10_000), ("dgs_on", dgs_state or dgs.DGSState(), 20_000)):
         var, gs = [], []
-        for b in range(n_batches):
-            batch, _, _ = train.collect(model, tok, world, args, 0, 10_000 + b, state, args.rollouts // args.group)
-            v, g = batch_gradient(model, tok, batch, train.advantages(batch, args, 10_000 + b), args)
+        for b in range(first, first + n_batches):
+            batch, _, _ = train.collect(model, tok, world, args, 0, b, state, args.rollouts // args.group)
+            v, g = batch_gradient(model, tok, batch, train.advantages(batch, args, b), args)
             var.append(v)
             gs.append(g)
         means[name] = torch.stack(gs).mean(0)

@@ -108,6 +108,7 @@ def test_table_and_claims_from_hand_written_results(tmp_path):
     assert "| joint | +0.400 ± 0.248 | +0.400 ± 0.248 | +0.400 ± 0.248 | 1.5 ± 0.7 (2/3) | 96.0 ± 45.3 (2/3) |" in text
     x, y = ablate.curves(runs, ["joint"], True)["joint"]
     assert x == pytest.approx([64, 64 + 224 / 3]) and y == pytest.approx([0.4 / 3, 0.8 / 3])
+    assert ablate.curves(runs, ["joint"], False, "null")["joint"] == ([1, 2], pytest.approx([0.0, 0.4 / 3]))  # less null's, per seed
     for png in ("reward_vs_step.png", "reward_vs_rollouts.png"):
         Image.open(tmp_path / png).verify()
 
