@@ -304,8 +304,9 @@ def table(res):
 
 
 def stat(vals, f="{:.3f}"):
-    """'mean ± std' (sample std over seeds); '—' if none; '(k/n)' appended when only k of n reached."""
-    got = [v for v in vals if v is not None]
+    """'mean ± std' (sample std over seeds); '—' if none; '(k/n)' appended when only k of n are there (not
+    reached, or nan: a correlation over groups without variance)."""
+    got = [v for v in vals if v is not None and v == v]
     if not got:
         return "—"
     s = f.format(statistics.fmean(got)) + (" ± " + f.replace("+", "").format(statistics.stdev(got)) if len(got) > 1 else "")
