@@ -82,14 +82,14 @@ def batch_gradient(model, tok, batch, A, args):
     return split_half_variance(loss_of, params, [list(range(P // 2)), list(range(P // 2, 2 * (P // 2)))])
 
 
-def grad_noise(model, tok, world, args, n_batches, dgs_state=None):
+def grad_noise(model, tok, world, args, n_batches):
     """DGS on and off, n_batches fresh batches each of --rollouts kept rollouts: the mean variance of the
     batch's gradient estimate, the squared norm of the mean gradient, and the squared distance between the
     two samplers' mean gradients less what the noise of n_batches batches explains (> 0: a bias shows)."""
     out, means = {}, {}
     # the two samplers draw from different seeds (prompts and noise): with shared prompts their mean gradients
     # would share noise, and the distance between them would understate what independent noise explains
-    for name, state, first in (("dgs_off", None, 10_000), ("dgs_on", dgs_state or dgs.DGSState(), 20_000)):
+    for name, state, first in (("dgs_off", None, 10_000), ("dgs_on", dgs.DGSState(), 20_000)):
         var, gs = [], []
         for b in range(first, first + n_batches):
             batch, _, _ = train.collect(model, tok, world, args, 0, b, state, args.rollouts // args.group)
